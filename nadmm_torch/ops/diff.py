@@ -1,0 +1,81 @@
+"""Finite differences on ``(B, C, *S)`` grids and the Jacobian determinant of displacements.
+
+Central differences with replicated borders (one-sided half-differences at the two ends of an
+axis; zero along an axis of size 1). Spacing, where given, is in the order of ``S``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def central_difference(x: Tensor, dim: int) -> Tensor:
+    """``(x[i+1] - x[i-1]) / 2`` along ``dim`` with replicated borders; same shape as ``x``."""
+    n = x.shape[dim]
+    if n == 1:
+        return torch.zeros_like(x)
+    padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim=dim)
+    return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
+
+
+def spatial_gradient(x: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
+    """Gradient of every channel along every spatial axis.
+
+    Args:
+        x: ``(B, C, *S)`` with ``len(S)`` = ndim in {2, 3}.
+        spacing: ``ndim`` grid spacings (default 1: voxel units).
+
+    Returns:
+        ``(B, C, ndim, *S)``: component ``i`` is the derivative along spatial axis ``i``.
+    """
+    ndim = x.dim() - 2
+    grads = []
+    for i in range(ndim):
+        g = central_difference(x, 2 + i)
+        if spacing is not None:
+            g = g / float(spacing[i])
+        grads.append(g)
+    return torch.stack(grads, dim=2)
+
+
+def jacobian_matrix(displacement: Tensor) -> Tensor:
+    """``J = I + ∇d`` in voxel units.
+
+    Args:
+        displacement: ``(B, ndim, *S)``, voxel units.
+
+    Returns:
+        ``(B, ndim, ndim, *S)`` with ``J[:, i, j] = δ_ij + ∂_j d_i``.
+    """
+    ndim = displacement.shape[1]
+    grad = spatial_gradient(displacement)  # (B, ndim(i), ndim(j), *S)
+    eye = torch.eye(ndim, dtype=displacement.dtype, device=displacement.device)
+    return grad + eye.view(1, ndim, ndim, *([1] * ndim))
+
+
+def determinant(jac: Tensor) -> Tensor:
+    """Point-wise determinant of ``(B, n, n, *S)`` matrices (n = 2 or 3): ``(B, *S)``."""
+    n = jac.shape[1]
+    if n == 2:
+        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+    if n == 3:
+        a, b, c = jac[:, 0, 0], jac[:, 0, 1], jac[:, 0, 2]
+        d, e, f = jac[:, 1, 0], jac[:, 1, 1], jac[:, 1, 2]
+        g, h, i = jac[:, 2, 0], jac[:, 2, 1], jac[:, 2, 2]
+        return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    raise ValueError(f"determinant: expected 2x2 or 3x3 matrices, got {n}x{n}")
+
+
+def jacobian_determinant(displacement: Tensor) -> Tensor:
+    """``det(I + ∇d)`` (central differences, voxel units; independent of spacing).
+
+    Args:
+        displacement: ``(B, ndim, *S)``.
+
+    Returns:
+        ``(B, *S)``.
+    """
+    return determinant(jacobian_matrix(displacement))
