@@ -1,0 +1,14 @@
+"""Data sets and evaluation protocols: ACDC ES→ED (:mod:`.acdc`) and the bundled sample."""
+
+from .acdc import ACDCPair, evaluate_pair, load_pair, load_volume, read_pairs, split
+from .sample import load_sample
+
+__all__ = [
+    "ACDCPair",
+    "evaluate_pair",
+    "load_pair",
+    "load_volume",
+    "read_pairs",
+    "split",
+    "load_sample",
+]
