@@ -1,0 +1,793 @@
+"""``nadmm-register``: register images on disk (one pair, or a cohort from a CSV file).
+
+One pair::
+
+    nadmm-register FIXED MOVING -o OUTDIR [--moving-labels LAB] [--fixed-labels LAB] [--plot]
+
+writes into ``OUTDIR``:
+
+* ``warped.nii.gz`` — the moving image warped into the fixed image's grid;
+* ``warped_labels.nii.gz`` — the moving labels warped (argmax of the warped one-hot), if given;
+* ``displacement.nii.gz`` — an ITK displacement field (vector image, LPS mm, on the fixed grid)
+  that ``sitk.DisplacementFieldTransform`` and ``antsApplyTransforms`` apply as-is to the
+  *original* moving image;
+* ``jacobian_determinant.nii.gz`` — ``det(I + ∇d)`` per voxel;
+* ``registration.png`` with ``--plot``;
+* ``summary.json`` — settings, metrics (Dice before/after with both label maps, % det J ≤ 0,
+  time), versions. Written last: its presence means the pair is complete.
+
+Inputs are anything SimpleITK reads (NIfTI, MHA/MHD, NRRD, …), 2D or 3D. A moving image on
+another grid than the fixed one is resampled into the fixed grid through physical space first.
+
+Cohort::
+
+    nadmm-register --pairs pairs.csv -o OUTDIR
+
+with CSV columns ``fixed,moving[,fixed_labels,moving_labels][,id]`` (relative paths are taken
+from the CSV's folder) writes ``OUTDIR/<id>/`` per pair, then ``OUTDIR/summary.csv`` and
+``OUTDIR/summary.md``. Pairs whose ``summary.json`` exists are skipped (resumable).
+
+Outputs appear all at once or not at all: files are written under a temporary folder and moved
+into place at the end; a failure or Ctrl-C removes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROG = "nadmm-register"
+OUTPUT_FILES = (
+    "warped.nii.gz",
+    "warped_labels.nii.gz",
+    "displacement.nii.gz",
+    "jacobian_determinant.nii.gz",
+    "registration.png",
+    "summary.json",
+)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line ``nadmm-register: error: ...``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # noqa: D401 - argparse hook
+        raise CLIError(f"{message} (see {self.prog} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=PROG,
+        description=(
+            "Diffeomorphic registration of a moving image to a fixed image with Nesterov-ADMM "
+            "(nadmm_torch). Reads NIfTI, MHA/MHD, NRRD and whatever else SimpleITK reads."
+        ),
+        epilog=(
+            "Outputs: warped.nii.gz, warped_labels.nii.gz (with --moving-labels), "
+            "displacement.nii.gz (ITK displacement field, LPS mm, for "
+            "sitk.DisplacementFieldTransform / antsApplyTransforms), "
+            "jacobian_determinant.nii.gz, registration.png (--plot), summary.json. "
+            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels][,id]."
+        ),
+    )
+    p.add_argument("fixed", nargs="?", help="fixed (reference) image")
+    p.add_argument("moving", nargs="?", help="moving image, warped onto the fixed image")
+    p.add_argument("-o", "--outdir", required=True, help="output folder (created if missing)")
+    p.add_argument("--pairs", metavar="CSV", help="cohort mode: CSV of pairs (see below)")
+    p.add_argument("--moving-labels", metavar="LAB", help="label map of the moving image")
+    p.add_argument(
+        "--fixed-labels", metavar="LAB", help="label map of the fixed image (Dice is reported)"
+    )
+    p.add_argument("--preset", default="fast", help="solver preset: fast (default) or accurate")
+    p.add_argument("--data-term", default="l2", choices=("l2", "l1"), help="default: l2")
+    p.add_argument("--order", type=int, default=2, help="regulariser order (default 2)")
+    p.add_argument("--lambda", dest="lam", type=float, help="regularisation weight λ")
+    p.add_argument("--theta", type=float, help="ADMM penalty θ")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other solver setting, e.g. --set iterations=5 --set warps=3 (repeatable)",
+    )
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("--plot", action="store_true", help="also write registration.png")
+    p.add_argument(
+        "--force", action="store_true", help="cohort mode: redo pairs that are already finished"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("nadmm-torch")
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        try:
+            import nadmm_torch
+
+            return str(getattr(nadmm_torch, "__version__", "unknown"))
+        except Exception:  # noqa: BLE001
+            return "unknown"
+
+
+def _versions() -> dict[str, str]:
+    import SimpleITK as sitk
+    import torch
+
+    return {
+        "nadmm_torch": _package_version(),
+        "torch": torch.__version__,
+        "SimpleITK": sitk.Version_VersionString(),
+        "python": platform.python_version(),
+    }
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null"):
+        return None
+    if "," in text:
+        return tuple(_parse_value(t) for t in text.split(",") if t.strip())
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise CLIError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if not key.isidentifier():
+            raise CLIError(f"--set: bad setting name {key!r}")
+        out[key] = _parse_value(value)
+    return out
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+class _Log:
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(f"{PROG}: {message}", file=sys.stderr)
+
+    def out(self, message: str) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(message, file=sys.stdout)
+
+
+class _Staging:
+    """Files for ``target`` are written into a hidden temporary folder beside it, then moved.
+
+    ``commit`` moves every file into ``target`` (``summary.json`` last); ``discard`` removes the
+    temporary folder. ``target`` is created only at commit time if it does not exist.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.target = Path(target)
+        base = self.target if self.target.is_dir() else self.target.parent
+        self.tmp = Path(tempfile.mkdtemp(prefix=".nadmm-tmp-", dir=base))
+
+    def path(self, name: str) -> Path:
+        return self.tmp / name
+
+    def commit(self) -> list[str]:
+        self.target.mkdir(exist_ok=True)
+        names = sorted(os.listdir(self.tmp), key=lambda n: n == "summary.json")
+        for name in names:
+            os.replace(self.tmp / name, self.target / name)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        return names
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _prepare_outdir(outdir: Path) -> bool:
+    """Create ``outdir`` if needed and check it is writable; returns whether it was created."""
+    if outdir.exists() and not outdir.is_dir():
+        raise CLIError(f"output path '{outdir}' exists and is not a directory")
+    created = False
+    if not outdir.exists():
+        try:
+            outdir.mkdir(parents=True)
+        except OSError as exc:
+            raise CLIError(
+                f"cannot create output directory '{outdir}': {exc.strerror or exc}"
+            ) from None
+        created = True
+    if not os.access(outdir, os.W_OK | os.X_OK):
+        raise CLIError(f"output directory '{outdir}' is not writable")
+    try:
+        probe = tempfile.mkdtemp(prefix=".nadmm-probe-", dir=outdir)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise CLIError(f"output directory '{outdir}' is not writable: {exc.strerror}") from None
+    return created
+
+
+# --------------------------------------------------------------------------------------------
+# One pair
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PairSpec:
+    fixed: Path
+    moving: Path
+    fixed_labels: Path | None = None
+    moving_labels: Path | None = None
+    id: str | None = None
+
+
+@dataclass
+class Settings:
+    preset: str = "fast"
+    data_term: str = "l2"
+    order: int = 2
+    lam: float | None = None
+    theta: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    plot: bool = False
+
+    def solver_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(preset=self.preset, data_term=self.data_term, order=self.order)
+        if self.lam is not None:
+            kw["lam"] = self.lam
+        if self.theta is not None:
+            kw["theta"] = self.theta
+        kw.update(self.overrides)
+        return kw
+
+
+def _read(kind: str, path: Path, labels: bool = False):
+    from .io import read_image, read_labels
+
+    try:
+        return (read_labels if labels else read_image)(path)
+    except FileNotFoundError:
+        raise CLIError(f"{kind} not found: '{path}'") from None
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"{kind}: {_one_line(exc)}") from None
+
+
+def _onto_fixed(kind, tensor, geometry, fixed_geometry, log, label=False, quiet_same=True):
+    from .io import resample_to
+
+    if geometry.ndim != fixed_geometry.ndim:
+        raise CLIError(
+            f"dimension mismatch: the fixed image is {fixed_geometry.ndim}D but the {kind} is"
+            f" {geometry.ndim}D"
+        )
+    if geometry.matches(fixed_geometry):
+        return tensor, False
+    how = "nearest neighbour" if label else "linear"
+    log.info(
+        f"{kind} grid ({geometry.describe()}) differs from the fixed grid "
+        f"({fixed_geometry.describe()}): resampling the {kind} into the fixed grid "
+        f"(physical space, {how})"
+    )
+    out = resample_to(tensor, fixed_geometry, geometry=geometry, label=label)
+    if not label and tensor.abs().max() > 0 and out.abs().max() == 0:
+        raise CLIError(f"the {kind} does not overlap the fixed image in physical space")
+    return out, True
+
+
+def _dice_dict(pred, true, labels) -> dict[str, float | None]:
+    from .metrics import dice
+
+    values = dice(pred, true, labels=labels)[0].tolist()
+    out: dict[str, float | None] = {
+        str(lab): (None if math.isnan(v) else float(v))
+        for lab, v in zip(labels, values, strict=True)
+    }
+    finite = [v for v in values if not math.isnan(v)]
+    out["mean"] = float(sum(finite) / len(finite)) if finite else None
+    return out
+
+
+def _stage_bar(total: int, disable: bool | None, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        desc=desc,
+        disable=disable,
+        file=sys.stderr,
+        leave=False,
+        bar_format="{desc} {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",
+    )
+
+
+def register_pair(
+    spec: PairSpec, target: Path, settings: Settings, log: _Log, show_progress: bool = True
+) -> dict[str, Any]:
+    """Register one pair and write its outputs into ``target`` (all at once). Returns summary."""
+    import torch
+
+    import nadmm_torch
+
+    from .io import displacement_to_itk, write_image
+    from .ops.diff import jacobian_determinant
+    from .ops.warp import warp, warp_labels
+
+    t_start = time.perf_counter()
+    device = _resolve_device(settings.device)
+    # Progress bars only on a terminal (None: tqdm disables itself on a non-TTY).
+    bar = _stage_bar(6, None if show_progress else True, desc=f"{PROG} {spec.id or ''}".strip())
+    try:
+        bar.set_postfix_str("reading")
+        fixed, fgeo = _read("fixed image", spec.fixed)
+        moving, mgeo = _read("moving image", spec.moving)
+        mlab = flab = None
+        if spec.moving_labels is not None:
+            mlab, mlgeo = _read("moving labels", spec.moving_labels, labels=True)
+        if spec.fixed_labels is not None:
+            flab, flgeo = _read("fixed labels", spec.fixed_labels, labels=True)
+        moving, resampled = _onto_fixed("moving image", moving, mgeo, fgeo, log)
+        if mlab is not None:
+            mlab, _ = _onto_fixed("moving labels", mlab, mlgeo, fgeo, log, label=True)
+        if flab is not None:
+            flab, _ = _onto_fixed("fixed labels", flab, flgeo, fgeo, log, label=True)
+        if any(n < 2 for n in fgeo.shape):
+            raise CLIError(f"the fixed image is too small to register ({fgeo.describe()})")
+        bar.update(1)
+
+        register = getattr(nadmm_torch, "register", None)
+        if register is None:
+            raise CLIError("this installation has no solver (nadmm_torch.register is missing)")
+        bar.set_postfix_str(f"registering on {device}")
+        kwargs = settings.solver_kwargs()
+        f_dev, m_dev = fixed.to(device), moving.to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        try:
+            disp = register(f_dev, m_dev, spacing=fgeo.array_spacing, **kwargs)
+        except (ValueError, TypeError) as exc:
+            raise CLIError(f"registration settings: {_one_line(exc)}") from None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_reg = time.perf_counter() - t0
+        if isinstance(disp, tuple):
+            disp = disp[0]
+        disp = disp.detach().to("cpu", torch.float32)
+        if tuple(disp.shape) != (1, fgeo.ndim, *fgeo.shape):
+            raise CLIError(f"the solver returned a displacement of shape {tuple(disp.shape)}")
+        bar.update(1)
+
+        bar.set_postfix_str("warping")
+        warped = warp(moving, disp)
+        wlab = None
+        if mlab is not None:
+            num = int(max(int(mlab.max()), int(flab.max()) if flab is not None else 0)) + 1
+            wlab = warp_labels(mlab, disp, num_classes=num)
+        detj = jacobian_determinant(disp)
+        bar.update(1)
+
+        metrics: dict[str, Any] = {
+            "fold_percent": float(nadmm_torch.metrics.fold_percent(disp)[0]),
+            "jacobian_determinant_min": float(detj.min()),
+            "jacobian_determinant_max": float(detj.max()),
+            "displacement_max_mm": float(
+                (disp[0] * torch.tensor(fgeo.array_spacing).view(-1, *([1] * fgeo.ndim)))
+                .norm(dim=0)
+                .max()
+            ),
+            "time_registration_s": t_reg,
+        }
+        if flab is not None and mlab is not None:
+            labels = sorted(set(torch.unique(flab).tolist()) | set(torch.unique(mlab).tolist()))
+            labels = tuple(int(v) for v in labels if v != 0)
+            if labels:
+                metrics["dice_labels"] = list(labels)
+                metrics["dice_before"] = _dice_dict(mlab, flab, labels)
+                metrics["dice_after"] = _dice_dict(wlab, flab, labels)
+        elif flab is not None:
+            log.info("--fixed-labels without --moving-labels: no Dice to report")
+
+        bar.set_postfix_str("writing")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = _Staging(target)
+        try:
+            write_image(warped, fgeo, staging.path("warped.nii.gz"))
+            if wlab is not None:
+                write_image(wlab, fgeo, staging.path("warped_labels.nii.gz"))
+            write_image(displacement_to_itk(disp, fgeo), None, staging.path("displacement.nii.gz"))
+            write_image(detj[:, None], fgeo, staging.path("jacobian_determinant.nii.gz"))
+            bar.update(1)
+            if settings.plot:
+                bar.set_postfix_str("plotting")
+                from .viz import plot_registration
+
+                plot_registration(
+                    fixed, moving, warped, disp,
+                    fixed_labels=flab, warped_labels=wlab, moving_labels=mlab,
+                    spacing=fgeo.array_spacing, path=staging.path("registration.png"),
+                    title=f"{spec.moving.name} → {spec.fixed.name}",
+                )
+            bar.update(1)
+            metrics["time_total_s"] = time.perf_counter() - t_start
+            summary = {
+                "id": spec.id,
+                "inputs": {
+                    "fixed": str(spec.fixed),
+                    "moving": str(spec.moving),
+                    "fixed_labels": str(spec.fixed_labels) if spec.fixed_labels else None,
+                    "moving_labels": str(spec.moving_labels) if spec.moving_labels else None,
+                },
+                "moving_resampled_to_fixed_grid": resampled,
+                "fixed_geometry": fgeo.to_dict(),
+                "settings": {**settings.solver_kwargs(), "device": str(device)},
+                "metrics": metrics,
+                "outputs": sorted(os.listdir(staging.tmp)) + ["summary.json"],
+                "displacement_convention": (
+                    "displacement.nii.gz: ITK displacement field on the fixed grid, vectors in "
+                    "LPS mm; output(p) = moving(p + v(p)) (sitk.DisplacementFieldTransform, "
+                    "antsApplyTransforms)"
+                ),
+                "versions": _versions(),
+            }
+            with open(staging.path("summary.json"), "w") as fh:
+                json.dump(summary, fh, indent=2)
+            staging.commit()
+        except BaseException:
+            staging.discard()
+            raise
+        bar.update(1)
+    finally:
+        bar.close()
+    return summary
+
+
+def _report(summary: dict[str, Any], target: Path, log: _Log) -> None:
+    m = summary["metrics"]
+    if "dice_after" in m:
+        b, a = m["dice_before"]["mean"], m["dice_after"]["mean"]
+        labs = ",".join(str(v) for v in m["dice_labels"])
+        if b is not None and a is not None:
+            log.out(f"Dice (labels {labs}, mean): {b:.3f} -> {a:.3f}")
+    log.out(
+        f"det J <= 0: {m['fold_percent']:.3f} % of voxels"
+        f" (min det J {m['jacobian_determinant_min']:.3f})"
+    )
+    device = summary["settings"]["device"]
+    log.out(f"registration time: {m['time_registration_s']:.2f} s on {device}")
+    log.out(f"outputs: {target}/ ({', '.join(summary['outputs'])})")
+
+
+# --------------------------------------------------------------------------------------------
+# Cohort
+# --------------------------------------------------------------------------------------------
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def read_pairs(csv_path: Path) -> list[PairSpec]:
+    """Parse a pairs CSV (columns fixed, moving[, fixed_labels, moving_labels][, id])."""
+    if not csv_path.is_file():
+        raise CLIError(f"pairs file not found: '{csv_path}'")
+    base = csv_path.resolve().parent
+    try:
+        with open(csv_path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            if reader.fieldnames is None:
+                raise CLIError(f"pairs file '{csv_path}' is empty")
+            names = [(n or "").strip().lower() for n in reader.fieldnames]
+            missing = {"fixed", "moving"} - set(names)
+            if missing:
+                raise CLIError(
+                    f"pairs file '{csv_path}' lacks column(s) {', '.join(sorted(missing))}"
+                    " (expected fixed,moving[,fixed_labels,moving_labels][,id])"
+                )
+            rows = [
+                {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+                for row in reader
+            ]
+    except UnicodeDecodeError:
+        raise CLIError(f"pairs file '{csv_path}' is not a text CSV file") from None
+
+    def path(v: str) -> Path | None:
+        if not v:
+            return None
+        p = Path(v).expanduser()
+        return p if p.is_absolute() else base / p
+
+    specs: list[PairSpec] = []
+    seen: set[str] = set()
+    for i, row in enumerate(rows, start=1):
+        if not any(row.values()):
+            continue
+        if not row.get("fixed") or not row.get("moving"):
+            raise CLIError(f"pairs file '{csv_path}', row {i}: fixed and moving are required")
+        pid = row.get("id") or f"pair{i:04d}"
+        if not _ID_RE.match(pid):
+            raise CLIError(
+                f"pairs file '{csv_path}', row {i}: id {pid!r} must be letters, digits, . _ -"
+            )
+        if pid in seen:
+            raise CLIError(f"pairs file '{csv_path}': duplicate id {pid!r}")
+        seen.add(pid)
+        specs.append(
+            PairSpec(
+                fixed=path(row["fixed"]),
+                moving=path(row["moving"]),
+                fixed_labels=path(row.get("fixed_labels", "")),
+                moving_labels=path(row.get("moving_labels", "")),
+                id=pid,
+            )
+        )
+    if not specs:
+        raise CLIError(f"pairs file '{csv_path}' has no pairs")
+    return specs
+
+
+_CSV_FIELDS = (
+    "id", "status", "fixed", "moving", "dice_before", "dice_after", "fold_percent",
+    "time_registration_s", "message",
+)
+
+
+def _row(spec: PairSpec, status: str, summary: dict | None, message: str = "") -> dict:
+    row = {k: "" for k in _CSV_FIELDS}
+    row.update(id=spec.id, status=status, fixed=str(spec.fixed), moving=str(spec.moving))
+    row["message"] = message
+    if summary:
+        m = summary.get("metrics", {})
+        for key in ("dice_before", "dice_after"):
+            v = (m.get(key) or {}).get("mean")
+            row[key] = "" if v is None else f"{v:.4f}"
+        if "fold_percent" in m:
+            row["fold_percent"] = f"{m['fold_percent']:.4f}"
+        if "time_registration_s" in m:
+            row["time_registration_s"] = f"{m['time_registration_s']:.3f}"
+    return row
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    n = len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def _write_cohort_summary(outdir: Path, rows: list[dict], settings: Settings) -> None:
+    staging = _Staging(outdir)
+    try:
+        with open(staging.path("summary.csv"), "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=_CSV_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        ok = [r for r in rows if r["status"] in ("done", "skipped")]
+
+        def col(key: str) -> list[float]:
+            return [float(r[key]) for r in ok if r[key] != ""]
+
+        lines = [
+            "# nadmm-register cohort summary",
+            "",
+            f"Settings: {json.dumps(settings.solver_kwargs())}, device {settings.device}.",
+            f"Pairs: {len(rows)} ({len(ok)} finished, "
+            f"{sum(r['status'] == 'failed' for r in rows)} failed).",
+            "",
+            "| | Dice before | Dice after | % det J ≤ 0 | time (s) |",
+            "|---|---|---|---|---|",
+            f"| mean ± sd | {_mean_sd(col('dice_before'))} | {_mean_sd(col('dice_after'))} | "
+            f"{_mean_sd(col('fold_percent'))} | {_mean_sd(col('time_registration_s'))} |",
+            "",
+            "| id | status | Dice before | Dice after | % det J ≤ 0 | time (s) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            status = r["status"] + (f": {r['message']}" if r["message"] else "")
+            status = status.replace("|", "/")
+            lines.append(
+                f"| {r['id']} | {status} | {r['dice_before'] or '–'} | {r['dice_after'] or '–'} | "
+                f"{r['fold_percent'] or '–'} | {r['time_registration_s'] or '–'} |"
+            )
+        with open(staging.path("summary.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        staging.commit()
+    except BaseException:
+        staging.discard()
+        raise
+
+
+def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, force: bool) -> int:
+    from tqdm import tqdm
+
+    specs = read_pairs(csv_path)
+    _resolve_device(settings.device)  # fail early on a bad device
+    _prepare_outdir(outdir)
+    rows: list[dict] = []
+    failed = 0
+    bar = tqdm(specs, desc=PROG, unit="pair", disable=True if log.quiet else None,
+               file=sys.stderr)
+    try:
+        for spec in bar:
+            bar.set_postfix_str(spec.id)
+            target = outdir / spec.id
+            done = target / "summary.json"
+            if done.is_file() and not force:
+                try:
+                    with open(done) as fh:
+                        summary = json.load(fh)
+                    rows.append(_row(spec, "skipped", summary, "already done"))
+                    continue
+                except (OSError, json.JSONDecodeError):
+                    log.info(f"{spec.id}: unreadable summary.json, registering again")
+            try:
+                summary = register_pair(spec, target, settings, log, show_progress=False)
+                rows.append(_row(spec, "done", summary))
+            except (CLIError, OSError, RuntimeError, ValueError) as exc:
+                failed += 1
+                msg = _one_line(exc) if isinstance(exc, CLIError) else (
+                    f"{type(exc).__name__}: {_one_line(exc)}"
+                )
+                log.info(f"{spec.id}: failed: {msg}")
+                rows.append(_row(spec, "failed", None, msg))
+    except KeyboardInterrupt:
+        bar.close()
+        _write_cohort_summary(outdir, rows, settings)
+        raise
+    bar.close()
+    _write_cohort_summary(outdir, rows, settings)
+    n_skip = sum(r["status"] == "skipped" for r in rows)
+    n_done = sum(r["status"] == "done" for r in rows)
+    log.out(
+        f"{len(rows)} pairs: {n_done} registered, {n_skip} skipped (already done), {failed} failed"
+    )
+    ok = [r for r in rows if r["dice_after"]]
+    if ok:
+        log.out(
+            "Dice mean: "
+            f"{_mean_sd([float(r['dice_before']) for r in ok if r['dice_before']])} -> "
+            f"{_mean_sd([float(r['dice_after']) for r in ok])}"
+        )
+    log.out(f"summary: {outdir / 'summary.csv'}, {outdir / 'summary.md'}")
+    if failed:
+        raise CLIError(f"{failed} of {len(rows)} pairs failed (see {outdir / 'summary.csv'})")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = Settings(
+        preset=args.preset,
+        data_term=args.data_term,
+        order=args.order,
+        lam=args.lam,
+        theta=args.theta,
+        overrides=_parse_overrides(args.overrides),
+        device=args.device,
+        plot=args.plot,
+    )
+    log = _Log(args.quiet)
+    outdir = Path(args.outdir).expanduser()
+    if args.pairs:
+        if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
+            raise CLIError("--pairs takes no FIXED/MOVING arguments or label options")
+        return run_cohort(Path(args.pairs), outdir, settings, log, args.force)
+
+    if not args.fixed or not args.moving:
+        raise CLIError("FIXED and MOVING images are required (or --pairs CSV)")
+    spec = PairSpec(
+        fixed=Path(args.fixed).expanduser(),
+        moving=Path(args.moving).expanduser(),
+        fixed_labels=Path(args.fixed_labels).expanduser() if args.fixed_labels else None,
+        moving_labels=Path(args.moving_labels).expanduser() if args.moving_labels else None,
+    )
+    for kind, p in (
+        ("fixed image", spec.fixed),
+        ("moving image", spec.moving),
+        ("fixed labels", spec.fixed_labels),
+        ("moving labels", spec.moving_labels),
+    ):
+        if p is not None and not p.exists():
+            raise CLIError(f"{kind} not found: '{p}'")
+    _resolve_device(settings.device)
+    created = _prepare_outdir(outdir)
+    try:
+        summary = register_pair(spec, outdir, settings, log, show_progress=not args.quiet)
+    except BaseException:
+        if created:
+            try:
+                outdir.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
+    _report(summary, outdir, log)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status (0 ok, 1 failure, 2 usage, 130 Ctrl-C)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except CLIError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except CLIError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted; the pair in flight left no outputs", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{PROG}: error: out of memory", file=sys.stderr)
+        return 1
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

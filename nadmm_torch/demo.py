@@ -1,0 +1,118 @@
+"""``nadmm-demo``: one registration on the bundled ACDC sample pair, with a figure.
+
+Registers the end-systole (moving) to the end-diastole (fixed) frame of the bundled cardiac
+cine MRI pair, prints Dice before → after (RV, myocardium, LV), the % of voxels with
+det J ≤ 0 and the time, and writes a figure (``nadmm_demo.png`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+PROG = "nadmm-demo"
+STRUCTURES = ("RV", "Myo", "LV")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Register the bundled ACDC sample pair (ES -> ED) and write a figure.",
+    )
+    p.add_argument("--out", default="nadmm_demo.png", help="figure path (default: %(default)s)")
+    p.add_argument("--preset", default="fast", help="solver preset (default: %(default)s)")
+    p.add_argument("--data-term", default="l2", choices=("l2", "l1"))
+    p.add_argument("--order", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, ...")
+    p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import torch
+
+        import nadmm_torch
+        from nadmm_torch.cli import CLIError, _resolve_device
+        from nadmm_torch.data.sample import load_sample
+        from nadmm_torch.ops.warp import warp, warp_labels
+
+        try:
+            device = _resolve_device(args.device)
+        except CLIError as exc:
+            print(f"{PROG}: error: {exc}", file=sys.stderr)
+            return 2
+        sample = load_sample()
+        fixed = sample.fixed.to(device)
+        moving = sample.moving.to(device)
+        shape = "x".join(str(s) for s in sample.fixed.shape[2:])
+        spacing = "x".join(f"{s:g}" for s in sample.spacing)
+        print(
+            f"ACDC {sample.patient}: moving ES -> fixed ED, {shape} voxels "
+            f"(z, y, x) @ {spacing} mm, preset {args.preset!r}, {args.data_term}, "
+            f"order {args.order}, on {device}"
+        )
+        # Warm-up-free timing: the first call includes any one-off set-up, as a user sees it.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        disp = nadmm_torch.register(
+            fixed, moving, spacing=sample.spacing, preset=args.preset,
+            data_term=args.data_term, order=args.order,
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        disp = disp.detach().float().cpu()
+
+        labels = tuple(range(1, len(STRUCTURES) + 1))
+        num = max(int(sample.moving_labels.max()), int(sample.fixed_labels.max())) + 1
+        warped_labels = warp_labels(sample.moving_labels, disp, num_classes=num)
+        before = nadmm_torch.metrics.dice(sample.moving_labels, sample.fixed_labels, labels)[0]
+        after = nadmm_torch.metrics.dice(warped_labels, sample.fixed_labels, labels)[0]
+        folds = float(nadmm_torch.metrics.fold_percent(disp)[0])
+
+        per = ", ".join(
+            f"{name} {b:.3f} -> {a:.3f}"
+            for name, b, a in zip(STRUCTURES, before.tolist(), after.tolist(), strict=True)
+        )
+        print(f"Dice (mean of RV, Myo, LV): {before.nanmean():.3f} -> {after.nanmean():.3f}")
+        print(f"  per structure: {per}")
+        print(f"% det J <= 0: {folds:.3f}")
+        print(f"time: {elapsed:.2f} s on {device}")
+
+        if not args.no_plot:
+            from nadmm_torch.viz import plot_registration
+
+            out = Path(args.out).expanduser()
+            if out.parent and not out.parent.is_dir():
+                print(f"{PROG}: error: folder of --out does not exist: '{out.parent}'",
+                      file=sys.stderr)
+                return 1
+            warped = warp(sample.moving, disp)
+            plot_registration(
+                sample.fixed, sample.moving, warped, disp,
+                fixed_labels=sample.fixed_labels, warped_labels=warped_labels,
+                moving_labels=sample.moving_labels, spacing=sample.spacing, path=out,
+                title=(
+                    f"nadmm_torch demo — ACDC {sample.patient} ES → ED, "
+                    f"Dice {before.nanmean():.3f} → {after.nanmean():.3f}"
+                ),
+            )
+            print(f"figure: {out.resolve()}")
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"{PROG}: error: {type(exc).__name__}: {' '.join(str(exc).split())}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
