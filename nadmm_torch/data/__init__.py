@@ -1,6 +1,6 @@
 """Data sets and evaluation protocols: ACDC ES→ED (:mod:`.acdc`) and the bundled sample."""
 
-from .acdc import ACDCPair, evaluate_pair, load_pair, load_volume, read_pairs, split
+from .acdc import ACDCPair, evaluate_pair, load_pair, load_volume, read_pairs, split, summarize
 from .sample import load_sample
 
 __all__ = [
@@ -10,5 +10,6 @@ __all__ = [
     "load_volume",
     "read_pairs",
     "split",
+    "summarize",
     "load_sample",
 ]

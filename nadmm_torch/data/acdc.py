@@ -59,6 +59,7 @@ __all__ = [
     "load_pair",
     "split",
     "evaluate_pair",
+    "summarize",
 ]
 
 TARGET_SPACING = 1.5
@@ -328,6 +329,35 @@ def split(
     report_set = set(report)
     tune = sorted(p for p in groups if p not in report_set)
     return tune, sorted(report)
+
+
+def summarize(records: Sequence[Mapping]) -> dict:
+    """Aggregate per-pair records of :func:`evaluate_pair` (plus optional ``seconds``).
+
+    Returns ``dice_mean, dice_sd`` (mean and population sd over pairs of the per-pair mean
+    Dice, as in the protocol's reference table), ``dice_rv, dice_myo, dice_lv``, ``hd_mean``
+    (mean over pairs of the pooled per-pair HD), ``fold_percent_mean``, ``seconds_mean``
+    (NaN if absent) and ``n_pairs``. Means skip NaN values; an empty input gives NaN.
+    """
+
+    def mean(key: str) -> float:
+        v = np.array([float(r.get(key, math.nan)) for r in records], dtype=np.float64)
+        v = v[~np.isnan(v)]
+        return float(v.mean()) if len(v) else math.nan
+
+    d = np.array([float(r["dice"]) for r in records], dtype=np.float64)
+    d = d[~np.isnan(d)]
+    return {
+        "dice_mean": float(d.mean()) if len(d) else math.nan,
+        "dice_sd": float(d.std()) if len(d) else math.nan,
+        "dice_rv": mean("dice_rv"),
+        "dice_myo": mean("dice_myo"),
+        "dice_lv": mean("dice_lv"),
+        "hd_mean": mean("hd"),
+        "fold_percent_mean": mean("fold_percent"),
+        "seconds_mean": mean("seconds"),
+        "n_pairs": len(records),
+    }
 
 
 @torch.no_grad()
