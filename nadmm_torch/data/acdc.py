@@ -298,7 +298,9 @@ def split(
     drawn with ``random.Random(f"acdc-split-{seed}-{group}")`` (string seeds are hashed with
     SHA-512, so the draw is the same on every platform and Python ≥ 3.2) for the report set;
     the rest are for tuning. On the 80 patients of the project folder (16 per group) this gives
-    60 tune / 20 report.
+    60 tune / 20 report, the report set being patients 001, 011, 017, 019 (DCM), 023, 028,
+    029, 032 (HCM), 044, 047, 049, 051 (MINF), 063, 067, 068, 069 (NOR), 082, 083, 088, 094
+    (RV).
 
     Args:
         patients: rows of :func:`read_pairs` (dicts with ``patient`` and ``group``) or a
