@@ -43,6 +43,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -297,6 +298,18 @@ class Settings:
         return kw
 
 
+def _check_settings(settings: Settings) -> None:
+    """Fail early (before any image is read) on an unknown preset or solver option."""
+    try:
+        from .presets import preset_config
+    except ImportError:  # pragma: no cover - the solver checks them later anyway
+        return
+    try:
+        preset_config(**settings.solver_kwargs())
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"registration settings: {_one_line(exc)}") from None
+
+
 def _read(kind: str, path: Path, labels: bool = False):
     from .io import read_image, read_labels
 
@@ -356,6 +369,29 @@ def _stage_bar(total: int, disable: bool | None, desc: str):
     )
 
 
+class _Ticker:
+    """Refreshes a progress bar once a second (its elapsed time) while a long step runs."""
+
+    def __init__(self, bar, interval: float = 1.0) -> None:
+        self.bar, self.interval = bar, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.bar.refresh()
+
+    def __enter__(self) -> _Ticker:
+        if not self.bar.disable:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
 def register_pair(
     spec: PairSpec, target: Path, settings: Settings, log: _Log, show_progress: bool = True
 ) -> dict[str, Any]:
@@ -386,7 +422,13 @@ def register_pair(
             mlab, _ = _onto_fixed("moving labels", mlab, mlgeo, fgeo, log, label=True)
         if flab is not None:
             flab, _ = _onto_fixed("fixed labels", flab, flgeo, fgeo, log, label=True)
-        if any(n < 2 for n in fgeo.shape):
+        # A 3D file holding one slice (a 2D image saved as 3D) is registered in 2D.
+        flat = [i for i, n in enumerate(fgeo.shape) if n == 1]
+        squeeze = flat[0] if fgeo.ndim == 3 and len(flat) == 1 else None
+        if squeeze is not None:
+            log.info("the images hold a single slice: registering in 2D")
+        kept = [i for i in range(fgeo.ndim) if i != squeeze]
+        if any(fgeo.shape[i] < 2 for i in kept):
             raise CLIError(f"the fixed image is too small to register ({fgeo.describe()})")
         bar.update(1)
 
@@ -396,11 +438,15 @@ def register_pair(
         bar.set_postfix_str(f"registering on {device}")
         kwargs = settings.solver_kwargs()
         f_dev, m_dev = fixed.to(device), moving.to(device)
+        spacing = tuple(fgeo.array_spacing[i] for i in kept)
+        if squeeze is not None:
+            f_dev, m_dev = f_dev.squeeze(2 + squeeze), m_dev.squeeze(2 + squeeze)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         try:
-            disp = register(f_dev, m_dev, spacing=fgeo.array_spacing, **kwargs)
+            with _Ticker(bar):
+                disp = register(f_dev, m_dev, spacing=spacing, **kwargs)
         except (ValueError, TypeError) as exc:
             raise CLIError(f"registration settings: {_one_line(exc)}") from None
         if device.type == "cuda":
@@ -409,6 +455,10 @@ def register_pair(
         if isinstance(disp, tuple):
             disp = disp[0]
         disp = disp.detach().to("cpu", torch.float32)
+        if squeeze is not None and tuple(disp.shape) == (1, 2, *f_dev.shape[2:]):
+            full = torch.zeros(1, 3, *fgeo.shape)
+            full[:, kept] = disp.unsqueeze(2 + squeeze)
+            disp = full
         if tuple(disp.shape) != (1, fgeo.ndim, *fgeo.shape):
             raise CLIError(f"the solver returned a displacement of shape {tuple(disp.shape)}")
         bar.update(1)
@@ -450,7 +500,16 @@ def register_pair(
             write_image(warped, fgeo, staging.path("warped.nii.gz"))
             if wlab is not None:
                 write_image(wlab, fgeo, staging.path("warped_labels.nii.gz"))
-            write_image(displacement_to_itk(disp, fgeo), None, staging.path("displacement.nii.gz"))
+            field = displacement_to_itk(disp, fgeo)
+            write_image(field, None, staging.path("displacement.nii.gz"))
+            if squeeze is not None:
+                # ITK's NIfTI reader loads a vector image with one slice as 2D (with 3
+                # components), which DisplacementFieldTransform then rejects; MetaImage keeps 3D.
+                write_image(field, None, staging.path("displacement.mha"))
+                log.info(
+                    "single-slice volume: also writing displacement.mha (ITK reads a "
+                    "one-slice vector NIfTI as 2D; use the .mha with SimpleITK/ANTs)"
+                )
             write_image(detj[:, None], fgeo, staging.path("jacobian_determinant.nii.gz"))
             bar.update(1)
             if settings.plot:
@@ -610,7 +669,9 @@ def _mean_sd(values: list[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
-def _write_cohort_summary(outdir: Path, rows: list[dict], settings: Settings) -> None:
+def _write_cohort_summary(
+    outdir: Path, rows: list[dict], settings: Settings, device: str
+) -> None:
     staging = _Staging(outdir)
     try:
         with open(staging.path("summary.csv"), "w", newline="") as fh:
@@ -625,7 +686,7 @@ def _write_cohort_summary(outdir: Path, rows: list[dict], settings: Settings) ->
         lines = [
             "# nadmm-register cohort summary",
             "",
-            f"Settings: {json.dumps(settings.solver_kwargs())}, device {settings.device}.",
+            f"Settings: {json.dumps(settings.solver_kwargs())}, device {device}.",
             f"Pairs: {len(rows)} ({len(ok)} finished, "
             f"{sum(r['status'] == 'failed' for r in rows)} failed).",
             "",
@@ -656,7 +717,8 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
     from tqdm import tqdm
 
     specs = read_pairs(csv_path)
-    _resolve_device(settings.device)  # fail early on a bad device
+    device = str(_resolve_device(settings.device))  # fail early on a bad device or setting
+    _check_settings(settings)
     _prepare_outdir(outdir)
     rows: list[dict] = []
     failed = 0
@@ -687,10 +749,10 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
                 rows.append(_row(spec, "failed", None, msg))
     except KeyboardInterrupt:
         bar.close()
-        _write_cohort_summary(outdir, rows, settings)
+        _write_cohort_summary(outdir, rows, settings, device)
         raise
     bar.close()
-    _write_cohort_summary(outdir, rows, settings)
+    _write_cohort_summary(outdir, rows, settings, device)
     n_skip = sum(r["status"] == "skipped" for r in rows)
     n_done = sum(r["status"] == "done" for r in rows)
     log.out(
@@ -749,6 +811,7 @@ def _run(args: argparse.Namespace) -> int:
         if p is not None and not p.exists():
             raise CLIError(f"{kind} not found: '{p}'")
     _resolve_device(settings.device)
+    _check_settings(settings)
     created = _prepare_outdir(outdir)
     try:
         summary = register_pair(spec, outdir, settings, log, show_progress=not args.quiet)

@@ -210,6 +210,34 @@ def test_2d_images(tmp_path, capsys):
         assert abs(_dice(theirs, fixed, lab) - _dice(ours, fixed, lab)) < 0.02
 
 
+def test_single_slice_3d_file_is_registered_in_2d(tmp_path, capsys):
+    f, m, fl, ml, spacing = _pair()
+    k = int(torch.argmax((fl[0, 0] > 0).sum((1, 2))))
+    sl = slice(k, k + 1)
+    geo = _rotated_geometry((1, *f.shape[3:]), spacing)
+    for name, t in (("f", f[:, :, sl]), ("m", m[:, :, sl]), ("fl", fl[:, :, sl]),
+                    ("ml", ml[:, :, sl])):
+        write_image(t, geo, tmp_path / f"{name}.nii.gz")
+    out = tmp_path / "out"
+    rc, _, err = _run([tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", "-o", out, *FAST,
+                       "--moving-labels", tmp_path / "ml.nii.gz", "--fixed-labels",
+                       tmp_path / "fl.nii.gz"], capsys)
+    assert rc == 0, err
+    assert "registering in 2D" in err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["dice_after"]["mean"] > summary["metrics"]["dice_before"]["mean"]
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.mha")))
+    assert field.shape == (1, *f.shape[3:], 3) and np.abs(field).max() > 0.5
+    transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(out / "displacement.mha")))
+    theirs = sitk.GetArrayFromImage(sitk.Resample(
+        sitk.ReadImage(str(tmp_path / "ml.nii.gz")), sitk.ReadImage(str(tmp_path / "f.nii.gz")),
+        transform, sitk.sitkNearestNeighbor, 0))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped_labels.nii.gz")))
+    fixed = fl[:, :, sl].numpy()[0, 0]
+    for lab in (1, 2, 3):
+        assert abs(_dice(theirs, fixed, lab) - _dice(ours, fixed, lab)) < 0.02
+
+
 # -- round trip --------------------------------------------------------------------------------
 
 
