@@ -429,6 +429,20 @@ def test_cohort_sigint_in_a_real_process(tmp_path):
     assert not [n for n in os.listdir(out) if n.startswith(".nadmm-tmp")]
 
 
+def test_cohort_continues_past_a_failed_pair(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(nadmm_torch, "register", _known_field)
+    csv_path = _cohort(tmp_path)
+    with open(csv_path, "a") as fh:
+        fh.write("fixed.nii.gz,missing.nii.gz,,,broken\n")
+    out = tmp_path / "cohort"
+    rc, stdout, err = _run(["--pairs", csv_path, "-o", out, "--quiet"], capsys)
+    _assert_one_line_error(rc, stdout, err, "1 of 4 pairs failed")
+    rows = {r["id"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert rows["broken"]["status"] == "failed" and "not found" in rows["broken"]["message"]
+    assert all(rows[k]["status"] == "done" for k in "abc")
+    assert not (out / "broken").exists()
+
+
 def test_cohort_bad_csv(tmp_path, capsys):
     bad = tmp_path / "pairs.csv"
     bad.write_text("fixed,labels\na.nii.gz,b.nii.gz\n")
