@@ -1,0 +1,37 @@
+"""nadmm-torch: Nesterov-accelerated ADMM diffeomorphic image registration in PyTorch.
+
+Public API::
+
+    register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2, **overrides)
+    warp(image, displacement, mode="bilinear" | "nearest")
+    NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
+    metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
+
+Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel units, component
+``i`` along spatial axis ``i``; pull-back warping ``I(x + d(x))``.
+"""
+
+from . import metrics
+from .api import register, warp
+from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
+from .module import NADMMRegistration
+from .ops.solver import Diagnostics, SolverConfig
+from .presets import PRESETS, preset_config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NADMMRegistration",
+    "register",
+    "warp",
+    "metrics",
+    "dice",
+    "hausdorff_slices",
+    "jacobian_determinant",
+    "fold_percent",
+    "SolverConfig",
+    "Diagnostics",
+    "PRESETS",
+    "preset_config",
+    "__version__",
+]

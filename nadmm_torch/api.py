@@ -1,0 +1,66 @@
+"""One-call functions: ``register`` and ``warp`` (validated; for tensors)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .checks import check_choice, check_displacement, check_tensor
+from .module import NADMMRegistration
+from .ops import warp as _warp
+
+
+def register(
+    fixed: Tensor,
+    moving: Tensor,
+    *,
+    spacing=None,
+    preset: str = "fast",
+    data_term: str = "l2",
+    order: int = 2,
+    initial_displacement: Tensor | None = None,
+    return_diagnostics: bool = False,
+    **overrides,
+):
+    """Register ``moving`` to ``fixed``; returns the displacement ``(B, ndim, *S)`` (voxels).
+
+    ``fixed``/``moving``: ``(B, 1, *S)`` floating tensors on one device (2D or 3D).
+    ``spacing``: ``ndim`` spacings in mm in the order of ``S`` (default 1).
+    ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
+    Runs without building an autograd graph unless an input requires grad.
+    """
+    model = NADMMRegistration(preset, data_term=data_term, order=order, **overrides)
+    model = model.to(fixed.device) if isinstance(fixed, Tensor) else model
+    needs_grad = any(
+        isinstance(x, Tensor) and x.requires_grad for x in (fixed, moving, initial_displacement)
+    )
+    with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
+        return model(
+            fixed,
+            moving,
+            spacing=spacing,
+            initial_displacement=initial_displacement,
+            return_diagnostics=return_diagnostics,
+        )
+
+
+def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
+    """Pull-back warp ``image(x + d(x))`` with border padding.
+
+    ``image``: ``(B, C, *S)`` (integer label maps allowed with ``mode="nearest"``);
+    ``displacement``: ``(B, ndim, *S)`` voxel units. ``mode``: ``"bilinear"`` or ``"nearest"``.
+    Returns ``(B, C, *S)`` of the image's dtype.
+    """
+    image = check_tensor(image, "image")
+    check_choice(mode, "mode", ("bilinear", "nearest"))
+    displacement = check_displacement(displacement, "displacement", like=image)
+    if image.dim() != displacement.dim():
+        raise ValueError(
+            f"image: expected {displacement.dim() - 2} spatial dims like the displacement, "
+            f"got shape {tuple(image.shape)}"
+        )
+    if not image.is_floating_point():
+        if mode != "nearest":
+            raise TypeError(f"image: integer images (dtype {image.dtype}) need mode='nearest'")
+        return _warp.warp(image.to(displacement.dtype), displacement, "nearest").to(image.dtype)
+    return _warp.warp(image, displacement.to(image.dtype), mode)

@@ -1,0 +1,173 @@
+"""``NADMMRegistration``: the solver as an ``nn.Module``, optionally with learnable settings.
+
+Hyperparameters live in unconstrained form: ``λ = exp(log_lam)``, ``θ = exp(log_theta)``,
+momentum ``a_k = sigmoid(momentum_logit)``, step scale ``exp(log_step)``. So positivity and
+``0 < a_k < 1`` hold by construction, whatever the optimiser does. What is not learnable is
+kept as a buffer (it moves with ``.to()`` and is saved in the state dict).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .checks import check_displacement, check_pair, check_pyramid_size, check_spacing
+from .ops.solver import Diagnostics, SolverConfig, solve
+from .presets import preset_config
+
+LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
+
+
+def _parse_learnable(learnable: bool | str | Iterable[str] | None) -> frozenset[str]:
+    if learnable in (None, False):
+        return frozenset()
+    if learnable is True or learnable == "all":
+        return frozenset(LEARNABLE_NAMES)
+    if isinstance(learnable, str):
+        learnable = {learnable}
+    names = frozenset(learnable)
+    unknown = sorted(names - set(LEARNABLE_NAMES))
+    if unknown:
+        raise ValueError(
+            f"learnable: unknown name(s) {unknown}; expected True, 'all' or a subset of "
+            f"{list(LEARNABLE_NAMES)}"
+        )
+    return names
+
+
+def nesterov_momentum(iterations: int) -> list[float]:
+    """The Nesterov weights ``a_k = (t_{k−1} − 1) / t_k``, ``t_0 = 1``, for k = 1 … K."""
+    t, out = 1.0, []
+    for _ in range(iterations):
+        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
+        out.append((t - 1.0) / t_new)
+        t = t_new
+    return out
+
+
+def prepare_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
+    """Validate a pair; half-precision inputs are computed in float32 (documented policy)."""
+    fixed, moving = check_pair(fixed, moving)
+    if fixed.dtype in (torch.float16, torch.bfloat16):
+        fixed, moving = fixed.float(), moving.float()
+    return fixed, moving
+
+
+class NADMMRegistration(nn.Module):
+    """Diffeomorphic registration by Nesterov-accelerated ADMM, unrolled and differentiable.
+
+    Args:
+        preset: ``"fast"`` or ``"accurate"`` (see :mod:`nadmm_torch.presets`).
+        data_term: ``"l2"`` or ``"l1"``.
+        order: regulariser order ``n ≥ 1``.
+        learnable: ``None``/``False`` (classical solver), ``True``/``"all"``, or a subset of
+            ``{"lambda", "theta", "momentum", "step"}``.
+        schedule: ``"level"`` (one λ, θ per pyramid level) or ``"iteration"`` (one per ADMM
+            iteration and level: untied schedules).
+        checkpoint: gradient checkpointing per warp (recompute in backward; saves memory).
+        **overrides: any :class:`~nadmm_torch.ops.solver.SolverConfig` field, e.g. ``lam``,
+            ``theta``, ``iterations``, ``warps``, ``levels``, ``tol_admm``, ``tol_warp``,
+            ``restart``, ``safeguard``, ``boundary``, ``accelerated``.
+
+    Shapes:
+        ``forward(fixed (B, 1, *S), moving (B, 1, *S), spacing=None, initial_displacement=None)``
+        → displacement ``(B, ndim, *S)`` in voxel units (pull-back: ``moving(x + d(x))``
+        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``.
+    """
+
+    def __init__(
+        self,
+        preset: str = "fast",
+        *,
+        data_term: str = "l2",
+        order: int = 2,
+        learnable: bool | str | Iterable[str] | None = None,
+        schedule: str = "level",
+        checkpoint: bool = False,
+        **overrides,
+    ) -> None:
+        super().__init__()
+        if schedule not in ("level", "iteration"):
+            raise ValueError(f"schedule: expected 'level' or 'iteration', got {schedule!r}")
+        self.config: SolverConfig = preset_config(preset, data_term, order, **overrides)
+        self.learnable = _parse_learnable(learnable)
+        self.schedule = schedule
+        self.checkpoint = checkpoint
+        cfg = self.config
+        k_max, w_max = max(cfg.iterations), max(cfg.warps)
+        per_iter = schedule == "iteration"
+        lam = torch.tensor(cfg.per_level("lam"), dtype=torch.float64).log()
+        theta = torch.tensor(cfg.per_level("theta"), dtype=torch.float64).log()
+        cols = k_max if per_iter else 1
+        self._store("log_lam", lam.unsqueeze(1).repeat(1, cols), "lambda")
+        self._store("log_theta", theta.unsqueeze(1).repeat(1, cols), "theta")
+        a = torch.tensor(nesterov_momentum(k_max), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+        self._store("momentum_logit", torch.logit(a).repeat(cfg.levels, 1), "momentum")
+        self._store("log_step", torch.zeros(cfg.levels, w_max, dtype=torch.float64), "step")
+
+    def _store(self, name: str, value: Tensor, key: str) -> None:
+        value = value.float()
+        if key in self.learnable:
+            self.register_parameter(name, nn.Parameter(value))
+        else:
+            self.register_buffer(name, value)
+
+    # -- hyperparameters as the solver wants them -------------------------------------------
+    def hyperparameters(self, dtype: torch.dtype) -> dict:
+        """Per-level λ, θ (scalars or (K,) schedules), momentum and step scales (or None)."""
+        cfg = self.config
+        lam, theta, momentum, step = [], [], None, None
+        for level, k in enumerate(cfg.iterations):
+            sl = slice(0, k) if self.schedule == "iteration" else 0
+            lam.append(self.log_lam[level, sl].to(dtype).exp())
+            theta.append(self.log_theta[level, sl].to(dtype).exp())
+        if "momentum" in self.learnable:
+            momentum = [
+                torch.sigmoid(self.momentum_logit[level, :k].to(dtype))
+                for level, k in enumerate(cfg.iterations)
+            ]
+        if "step" in self.learnable:
+            step = [
+                self.log_step[level, :w].to(dtype).exp() for level, w in enumerate(cfg.warps)
+            ]
+        return dict(lam=lam, theta=theta, momentum=momentum, step_scale=step)
+
+    def forward(
+        self,
+        fixed: Tensor,
+        moving: Tensor,
+        spacing=None,
+        initial_displacement: Tensor | None = None,
+        return_diagnostics: bool = False,
+    ) -> Tensor | tuple[Tensor, Diagnostics]:
+        fixed, moving = prepare_pair(fixed, moving)
+        ndim = fixed.dim() - 2
+        spacing = check_spacing(spacing, ndim)
+        check_pyramid_size(fixed.shape[2:], 2)
+        if initial_displacement is not None:
+            initial_displacement = check_displacement(
+                initial_displacement, "initial_displacement", like=fixed
+            )
+        params = self.hyperparameters(fixed.dtype)
+        params = {k: v for k, v in params.items()}
+        d, diag = solve(
+            fixed,
+            moving,
+            self.config,
+            spacing=spacing,
+            initial_displacement=initial_displacement,
+            checkpoint=self.checkpoint,
+            diagnostics=return_diagnostics,
+            **params,
+        )
+        return (d, diag) if return_diagnostics else d
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"data_term={c.data_term!r}, order={c.order}, levels={c.levels}, "
+            f"iterations={c.iterations}, warps={c.warps}, learnable={sorted(self.learnable)}"
+        )

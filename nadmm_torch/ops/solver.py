@@ -1,0 +1,302 @@
+"""The registration solver: pyramid × greedy velocity compositions × Nesterov-ADMM.
+
+Everything is out-of-place torch code, so autograd reaches the images, the initial
+displacement and every hyperparameter tensor (λ, θ, momentum and step-scale schedules).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from .admm import DATA_TERMS, nesterov_admm
+from .diff import jacobian_determinant, spatial_gradient
+from .fourier import BOUNDARIES
+from .warp import compose, resize, resize_displacement, warp
+
+# Step scales tried, largest first, by the safeguard; 0 keeps the previous displacement.
+SAFEGUARD_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Settings of the solver. Per-level tuples run coarse → fine.
+
+    ``lam``/``theta`` are floats or per-level tuples. ``iterations`` (ADMM, K) and ``warps``
+    (compositions, W) are maxima; ``tol_admm``/``tol_warp`` stop earlier where set.
+    ``tol_warp`` is the RMS step (voxels of the level) under which a level stops.
+    ``restart`` is on by default: without it the accelerated scheme can diverge on this
+    weakly convex model once run long (see ``tests/test_admm.py``).
+    """
+
+    data_term: str = "l2"
+    order: int = 2
+    lam: float | tuple[float, ...] = 1.0
+    theta: float | tuple[float, ...] = 1.0
+    levels: int = 3
+    iterations: tuple[int, ...] = (10, 5, 5)
+    warps: tuple[int, ...] = (10, 10, 5)
+    tol_admm: float | None = None
+    tol_warp: float | None = None
+    accelerated: bool = True
+    restart: bool = True
+    restart_eta: float = 0.999
+    safeguard: bool = True
+    min_jacobian: float = 0.0
+    boundary: str = "neumann"
+    normalize: bool = True
+    anisotropic_pyramid: bool = True
+    min_level_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.data_term not in DATA_TERMS:
+            raise ValueError(f"data_term must be one of {DATA_TERMS}, got {self.data_term!r}")
+        if int(self.order) != self.order or self.order < 1:
+            raise ValueError(f"order must be an integer >= 1, got {self.order!r}")
+        if self.boundary not in BOUNDARIES:
+            raise ValueError(f"boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
+        if self.levels < 1:
+            raise ValueError(f"levels must be >= 1, got {self.levels}")
+        for name in ("iterations", "warps"):
+            value = getattr(self, name)
+            if isinstance(value, int):
+                object.__setattr__(self, name, (value,) * self.levels)
+            elif len(value) != self.levels or any(int(v) < 1 for v in value):
+                raise ValueError(
+                    f"{name} must be {self.levels} positive integers (one per level), got {value!r}"
+                )
+        for name in ("lam", "theta"):
+            for v in self.per_level(name):
+                if not v > 0:
+                    raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def per_level(self, name: str) -> tuple[float, ...]:
+        """``lam``/``theta`` as one value per level."""
+        value = getattr(self, name)
+        if isinstance(value, (int, float)):
+            return (float(value),) * self.levels
+        if len(value) != self.levels:
+            raise ValueError(f"{name} must be a float or {self.levels} floats, got {value!r}")
+        return tuple(float(v) for v in value)
+
+    def updated(self, **changes) -> SolverConfig:
+        return replace(self, **changes)
+
+
+@dataclass
+class Diagnostics:
+    """What the solver did, per level (coarse → fine)."""
+
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    warps: list[int] = field(default_factory=list)
+    admm_iterations: list[list[Tensor]] = field(default_factory=list)  # per warp, (B,)
+    residuals: list[list[list[Tensor]]] = field(default_factory=list)  # per warp, per iteration
+    step_scales: list[list[Tensor]] = field(default_factory=list)  # safeguard, per warp, (B,)
+
+
+def pyramid_factors(
+    shape: Sequence[int],
+    spacing: Sequence[float],
+    levels: int,
+    anisotropic: bool = True,
+    min_size: int = 4,
+) -> list[tuple[int, ...]]:
+    """Downsampling factor per axis for each level, coarse → fine (finest is all ones).
+
+    An axis is halved per level unless that would leave fewer than ``min_size`` voxels, or,
+    with ``anisotropic``, unless it is a thick axis (spacing > 2 × the finest spacing), such as
+    the 5–10 mm slice axis of cardiac cine MRI against 1.5 mm in-plane.
+    """
+    h_min = min(spacing)
+    out = []
+    for level in range(levels):
+        target = 2 ** (levels - 1 - level)
+        factors = []
+        for n, h in zip(shape, spacing):
+            f = 1 if (anisotropic and h > 2.0 * h_min) else target
+            while f > 1 and n / f < min_size:
+                f //= 2
+            factors.append(f)
+        out.append(tuple(factors))
+    return out
+
+
+def normalise_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
+    """Joint min–max scaling of each pair to [0, 1], so λ means the same for any scanner range."""
+    dims = tuple(range(1, fixed.dim()))
+    lo = torch.minimum(fixed.amin(dim=dims, keepdim=True), moving.amin(dim=dims, keepdim=True))
+    hi = torch.maximum(fixed.amax(dim=dims, keepdim=True), moving.amax(dim=dims, keepdim=True))
+    scale = (hi - lo).clamp_min(torch.finfo(fixed.dtype).tiny)
+    return (fixed - lo) / scale, (moving - lo) / scale
+
+
+def _min_jacobian(d: Tensor) -> Tensor:
+    return jacobian_determinant(d).flatten(1).amin(dim=1)
+
+
+def safeguarded_compose(d: Tensor, u: Tensor, min_jacobian: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``d ← s u + d ∘ (Id + s u)`` with the largest ``s`` in :data:`SAFEGUARD_SCALES` for which
+    ``det(I + ∇d_new) > min_jacobian`` everywhere (per batch element).
+
+    Only where the full step folds are the smaller steps computed (one host synchronisation).
+    If no scale passes (an initial field that already folds), the scale with the largest
+    minimum determinant is kept.
+
+    Returns:
+        ``(d_new, s)`` with ``s`` of shape ``(B,)``.
+    """
+    full = compose(d, u)
+    ok = _min_jacobian(full) > min_jacobian
+    ones = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
+    if bool(ok.all()):
+        return full, ones
+    cands = [full] + [compose(d, s * u) if s > 0 else d for s in SAFEGUARD_SCALES[1:]]
+    mins = torch.stack([_min_jacobian(x) for x in cands])  # (n_scales, B)
+    passed = mins > min_jacobian
+    n = len(SAFEGUARD_SCALES)
+    order = torch.arange(n, device=d.device).unsqueeze(1).expand_as(passed)
+    first_ok = torch.where(passed, order, torch.full_like(order, n)).amin(dim=0)
+    choice = torch.where(first_ok < n, first_ok, mins.argmax(dim=0))  # (B,)
+    stacked = torch.stack(cands)  # (n_scales, B, ndim, *S)
+    idx = choice.view(1, -1, *([1] * (d.dim() - 1))).expand(1, *stacked.shape[1:])
+    d_new = stacked.gather(0, idx)[0]
+    scales = torch.tensor(SAFEGUARD_SCALES, dtype=d.dtype, device=d.device)[choice]
+    return d_new, scales
+
+
+def _level_value(x, level: int):
+    """Entry ``level`` of a per-level sequence (list/tuple), else ``x`` itself."""
+    if isinstance(x, (list, tuple)):
+        return x[level]
+    return x
+
+
+def solve(
+    fixed: Tensor,
+    moving: Tensor,
+    config: SolverConfig,
+    *,
+    spacing: Sequence[float] | None = None,
+    initial_displacement: Tensor | None = None,
+    lam: Sequence[Tensor | float] | Tensor | float | None = None,
+    theta: Sequence[Tensor | float] | Tensor | float | None = None,
+    momentum: Sequence[Tensor | None] | None = None,
+    step_scale: Sequence[Tensor | None] | None = None,
+    checkpoint: bool = False,
+    diagnostics: bool = False,
+) -> tuple[Tensor, Diagnostics | None]:
+    """Register ``moving`` to ``fixed``.
+
+    Args:
+        fixed, moving: ``(B, 1, *S)`` floating tensors (validated by the caller).
+        config: solver settings.
+        spacing: ``ndim`` physical spacings (mm), used by the regulariser and the pyramid.
+        initial_displacement: ``(B, ndim, *S)`` voxel units (e.g. a network's prediction).
+        lam, theta: override ``config`` values: a scalar / 0-d tensor for all levels, or one
+            entry per level, each a scalar, 0-d tensor or ``(K_level,)`` per-iteration schedule.
+        momentum: per level, ``None`` (Nesterov ``t_k``) or a ``(K_level,)`` tensor of ``a_k``.
+        step_scale: per level, ``None`` or a ``(W_level,)`` tensor multiplying each velocity.
+        checkpoint: recompute each warp's forward in the backward pass (less memory).
+        diagnostics: also return a :class:`Diagnostics`.
+
+    Returns:
+        ``(displacement (B, ndim, *S) in voxel units, diagnostics or None)``.
+    """
+    ndim = fixed.dim() - 2
+    shape = tuple(fixed.shape[2:])
+    spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
+    if config.normalize:
+        fixed, moving = normalise_pair(fixed, moving)
+    lam = config.per_level("lam") if lam is None else lam
+    theta = config.per_level("theta") if theta is None else theta
+    diag = Diagnostics() if diagnostics else None
+
+    factors = pyramid_factors(
+        shape, spacing, config.levels, config.anisotropic_pyramid, config.min_level_size
+    )
+    d: Tensor | None = None
+    for level, fac in enumerate(factors):
+        size = tuple(max(1, round(n / f)) for n, f in zip(shape, fac))
+        level_spacing = tuple(h * n / m for h, n, m in zip(spacing, shape, size))
+        f_l = resize(fixed, size, mode="area")
+        m_l = resize(moving, size, mode="area")
+        if d is None:
+            if initial_displacement is None:
+                d = fixed.new_zeros((fixed.shape[0], ndim, *size))
+            else:
+                d = resize_displacement(initial_displacement.to(fixed.dtype), size)
+        else:
+            d = resize_displacement(d, size)
+
+        admm_kwargs = dict(
+            lam=_level_value(lam, level),
+            theta=_level_value(theta, level),
+            iterations=config.iterations[level],
+            order=config.order,
+            spacing=level_spacing,
+            data_term=config.data_term,
+            boundary=config.boundary,
+            accelerated=config.accelerated,
+            restart=config.restart,
+            restart_eta=config.restart_eta,
+            tol=config.tol_admm,
+            momentum=_level_value(momentum, level) if momentum is not None else None,
+            record=diagnostics,
+        )
+        scales_l = _level_value(step_scale, level) if step_scale is not None else None
+        active = torch.ones(fixed.shape[0], dtype=torch.bool, device=fixed.device)
+        if diag is not None:
+            diag.shapes.append(size)
+            diag.admm_iterations.append([])
+            diag.residuals.append([])
+            diag.step_scales.append([])
+        n_warps = 0
+        for w in range(config.warps[level]):
+            scale_w = scales_l[w] if scales_l is not None else None
+
+            def step(d_in: Tensor, f_in: Tensor, m_in: Tensor, kw=admm_kwargs, sc=scale_w):
+                return _warp_step(d_in, f_in, m_in, kw, sc, config)
+
+            if checkpoint and torch.is_grad_enabled():
+                d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
+            else:
+                d_new, u, info, s = step(d, f_l, m_l)
+            n_warps += 1
+            if config.tol_warp is not None:
+                act = active.view(-1, *([1] * (ndim + 1)))
+                d = torch.where(act, d_new, d)
+                rms = u.pow(2).sum(1).flatten(1).mean(1).sqrt()
+                active = active & ~(rms < config.tol_warp)
+            else:
+                d = d_new
+            if diag is not None:
+                diag.admm_iterations[-1].append(info.iterations)
+                diag.residuals[-1].append(info.residuals)
+                diag.step_scales[-1].append(s)
+            if config.tol_warp is not None and not bool(active.any()):
+                break
+        if diag is not None:
+            diag.warps.append(n_warps)
+    assert d is not None
+    if tuple(d.shape[2:]) != shape:
+        d = resize_displacement(d, shape)
+    return d, diag
+
+
+def _warp_step(d: Tensor, fixed: Tensor, moving: Tensor, admm_kwargs: dict, scale, config):
+    """One linearisation: warp, ADMM for the velocity, (safeguarded) composition."""
+    warped = warp(moving, d)
+    g = spatial_gradient(warped)[:, 0]  # (B, ndim, *S), voxel units
+    c = warped - fixed
+    u, info = nesterov_admm(g, c, **admm_kwargs)
+    if scale is not None:
+        u = u * scale
+    if config.safeguard:
+        d_new, s = safeguarded_compose(d, u, config.min_jacobian)
+    else:
+        d_new, s = compose(d, u), torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
+    return d_new, u, info, s

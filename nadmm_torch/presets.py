@@ -1,0 +1,63 @@
+"""Named solver settings.
+
+``fast`` is the paper's capped preset (ADMM iterations K = (10, 5, 5), warps W = (10, 10, 5),
+coarse → fine); ``accurate`` stops on tolerances. λ and θ depend on the data term and the
+regulariser order; the values below were tuned on the tuning split of the ACDC development data
+(``benchmarks/tune_nadmm.py``; record in ``benchmarks/records/``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from .ops.solver import SolverConfig
+
+PRESETS: dict[str, dict] = {
+    "fast": dict(iterations=(10, 5, 5), warps=(10, 10, 5), tol_admm=None, tol_warp=None),
+    "accurate": dict(iterations=(60, 60, 60), warps=(40, 40, 30), tol_admm=1e-3, tol_warp=2e-2),
+}
+
+# (preset, data_term, order) -> (λ, θ), for images scaled jointly to [0, 1] and spacing in mm.
+TUNED: dict[tuple[str, str, int], tuple[float, float]] = {
+    ("fast", "l2", 1): (1.0, 0.1),
+    ("fast", "l2", 2): (1.0, 0.1),
+    ("fast", "l2", 3): (1.0, 0.1),
+    ("fast", "l1", 1): (0.1, 0.1),
+    ("fast", "l1", 2): (0.1, 0.1),
+    ("fast", "l1", 3): (0.1, 0.1),
+    ("accurate", "l2", 1): (1.0, 0.1),
+    ("accurate", "l2", 2): (1.0, 0.1),
+    ("accurate", "l2", 3): (1.0, 0.1),
+    ("accurate", "l1", 1): (0.1, 0.1),
+    ("accurate", "l1", 2): (0.1, 0.1),
+    ("accurate", "l1", 3): (0.1, 0.1),
+}
+
+CONFIG_FIELDS = tuple(f.name for f in fields(SolverConfig))
+
+
+def preset_config(
+    preset: str = "fast", data_term: str = "l2", order: int = 2, **overrides
+) -> SolverConfig:
+    """The :class:`SolverConfig` of a named preset, with any field overridden.
+
+    ``lam``/``theta`` default to the tuned values for (preset, data_term, order); orders without
+    tuned values use those of the nearest tuned order.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
+    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown}; valid options: {', '.join(CONFIG_FIELDS)}"
+        )
+    if data_term not in ("l2", "l1"):
+        raise ValueError(f"data_term: expected 'l2' or 'l1', got {data_term!r}")
+    if not isinstance(order, int) or order < 1:
+        raise ValueError(f"order: expected an integer >= 1, got {order!r}")
+    tuned_orders = sorted(o for p, t, o in TUNED if p == preset and t == data_term)
+    nearest = min(tuned_orders, key=lambda o: abs(o - order))
+    lam, theta = TUNED[(preset, data_term, nearest)]
+    settings = dict(PRESETS[preset], data_term=data_term, order=order, lam=lam, theta=theta)
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return SolverConfig(**settings)
