@@ -33,7 +33,7 @@ def test_v_step_matches_brute_force(p, step, ndim):
             options={"xtol": 1e-12, "ftol": 1e-14, "maxiter": 20000},
         )
         ours = _pointwise_objective(v[0, :, j], *args)
-        assert ours <= ref.fun + 1e-9
+        assert ours <= ref.fun + 1e-7 * max(1.0, abs(ref.fun))  # ε-guard of the p = 1 case
         # θ-strong convexity: ‖v_ref − v*‖² ≤ 2 (f(v_ref) − f*) / θ
         bound = np.sqrt(2.0 * max(ref.fun - ours, 0.0) / theta) + 1e-3
         assert np.linalg.norm(v[0, :, j] - ref.x) <= bound
