@@ -29,6 +29,9 @@ class SolverConfig:
     ``lam``/``theta`` are floats or per-level tuples. ``iterations`` (ADMM, K) and ``warps``
     (compositions, W) are maxima; ``tol_admm``/``tol_warp`` stop earlier where set.
     ``tol_warp`` is the RMS step (voxels of the level) under which a level stops.
+    ``frozen_axes``: spatial axes along which nothing moves (their displacement component stays
+    zero), or ``"thick"`` for the axes with spacing > 2 × the finest (slice axes of 2D-stack MRI,
+    whose image gradient across 5–10 mm slices is not a reliable motion cue).
     ``restart`` is on by default: without it the accelerated scheme can diverge on this
     weakly convex model once run long (see ``tests/test_admm.py``).
     """
@@ -51,6 +54,7 @@ class SolverConfig:
     normalize: bool = True
     anisotropic_pyramid: bool = True
     min_level_size: int = 4
+    frozen_axes: tuple[int, ...] | str = ()
 
     def __post_init__(self) -> None:
         if self.data_term not in DATA_TERMS:
@@ -69,6 +73,13 @@ class SolverConfig:
                 raise ValueError(
                     f"{name} must be {self.levels} positive integers (one per level), got {value!r}"
                 )
+        if isinstance(self.frozen_axes, str):
+            if self.frozen_axes != "thick":
+                raise ValueError(
+                    f"frozen_axes must be a tuple of axes or 'thick', got {self.frozen_axes!r}"
+                )
+        else:
+            object.__setattr__(self, "frozen_axes", tuple(int(a) for a in self.frozen_axes))
         for name in ("lam", "theta"):
             for v in self.per_level(name):
                 if not v > 0:
@@ -125,6 +136,17 @@ def pyramid_factors(
     return out
 
 
+def frozen_axes(config: SolverConfig, spacing: Sequence[float]) -> tuple[int, ...]:
+    """The axes whose displacement component the solver keeps at zero."""
+    if config.frozen_axes == "thick":
+        h_min = min(spacing)
+        return tuple(i for i, h in enumerate(spacing) if h > 2.0 * h_min)
+    bad = [a for a in config.frozen_axes if not 0 <= a < len(spacing)]
+    if bad:
+        raise ValueError(f"frozen_axes: axes {bad} out of range for {len(spacing)} dims")
+    return tuple(config.frozen_axes)
+
+
 def normalise_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     """Joint min–max scaling of each pair to [0, 1], so λ means the same for any scanner range."""
     dims = tuple(range(1, fixed.dim()))
@@ -166,6 +188,45 @@ def safeguarded_compose(d: Tensor, u: Tensor, min_jacobian: float = 0.0) -> tupl
     d_new = stacked.gather(0, idx)[0]
     scales = torch.tensor(SAFEGUARD_SCALES, dtype=d.dtype, device=d.device)[choice]
     return d_new, scales
+
+
+def _box_smooth(x: Tensor) -> Tensor:
+    """3-tap (per axis) mean filter of a ``(B, C, *S)`` field, replicate padding."""
+    ndim = x.dim() - 2
+    for axis in range(ndim):
+        dim = axis + 2
+        pad = [0, 0] * ndim
+        pad[2 * (ndim - 1 - axis)] = pad[2 * (ndim - 1 - axis) + 1] = 1
+        xp = torch.nn.functional.pad(x, pad, mode="replicate") if x.shape[dim] > 1 else x
+        if x.shape[dim] > 1:
+            n = x.shape[dim]
+            x = (xp.narrow(dim, 0, n) + xp.narrow(dim, 1, n) + xp.narrow(dim, 2, n)) / 3.0
+    return x
+
+
+def repair_folds(d: Tensor, min_jacobian: float = 0.0, max_rounds: int = 50) -> Tensor:
+    """Smooth ``d`` locally (around voxels with ``det(I + ∇d) <= min_jacobian``) until none is left.
+
+    Linear upsampling of a fold-free coarse displacement can create isolated folds on the finer
+    grid (central differences of the interpolated field are not those of the coarse one); a few
+    rounds of local smoothing remove them without touching the rest of the field. Falls back to
+    the smoothed field everywhere if local rounds do not suffice.
+    """
+    if not bool((_min_jacobian(d) <= min_jacobian).any()):  # one host sync per call
+        return d
+    ndim = d.dim() - 2
+    pool = torch.nn.functional.max_pool2d if ndim == 2 else torch.nn.functional.max_pool3d
+    for _ in range(max_rounds):
+        bad = (jacobian_determinant(d) <= min_jacobian).unsqueeze(1).to(d.dtype)
+        if not bool(bad.any()):
+            return d
+        region = pool(bad, kernel_size=5, stride=1, padding=2) > 0
+        d = torch.where(region, _box_smooth(d), d)
+    for _ in range(10 * max_rounds):  # global smoothing tends to a constant field (det 1)
+        if not bool((_min_jacobian(d) <= min_jacobian).any()):
+            break
+        d = _box_smooth(d)
+    return d
 
 
 def _level_value(x, level: int):
@@ -214,6 +275,12 @@ def solve(
     lam = config.per_level("lam") if lam is None else lam
     theta = config.per_level("theta") if theta is None else theta
     diag = Diagnostics() if diagnostics else None
+    frozen = frozen_axes(config, spacing)
+    keep: Tensor | None = None
+    if frozen:
+        keep = torch.ones(ndim, dtype=fixed.dtype, device=fixed.device)
+        keep[list(frozen)] = 0.0
+        keep = keep.view(1, ndim, *([1] * ndim))
 
     factors = pyramid_factors(
         shape, spacing, config.levels, config.anisotropic_pyramid, config.min_level_size
@@ -231,6 +298,8 @@ def solve(
                 d = resize_displacement(initial_displacement.to(fixed.dtype), size)
         else:
             d = resize_displacement(d, size)
+            if config.safeguard:
+                d = repair_folds(d, config.min_jacobian)
 
         admm_kwargs = dict(
             lam=_level_value(lam, level),
@@ -258,8 +327,10 @@ def solve(
         for w in range(config.warps[level]):
             scale_w = scales_l[w] if scales_l is not None else None
 
-            def step(d_in: Tensor, f_in: Tensor, m_in: Tensor, kw=admm_kwargs, sc=scale_w):
-                return _warp_step(d_in, f_in, m_in, kw, sc, config)
+            def step(
+                d_in: Tensor, f_in: Tensor, m_in: Tensor, kw=admm_kwargs, sc=scale_w, mask=keep
+            ):
+                return _warp_step(d_in, f_in, m_in, kw, sc, config, mask)
 
             if checkpoint and torch.is_grad_enabled():
                 d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
@@ -284,13 +355,17 @@ def solve(
     assert d is not None
     if tuple(d.shape[2:]) != shape:
         d = resize_displacement(d, shape)
+        if config.safeguard:
+            d = repair_folds(d, config.min_jacobian)
     return d, diag
 
 
-def _warp_step(d: Tensor, fixed: Tensor, moving: Tensor, admm_kwargs: dict, scale, config):
+def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None):
     """One linearisation: warp, ADMM for the velocity, (safeguarded) composition."""
     warped = warp(moving, d)
     g = spatial_gradient(warped)[:, 0]  # (B, ndim, *S), voxel units
+    if mask is not None:  # frozen axes: no gradient along them, so no motion either
+        g = g * mask
     c = warped - fixed
     u, info = nesterov_admm(g, c, **admm_kwargs)
     if scale is not None:
