@@ -20,16 +20,16 @@ PRESETS: dict[str, dict] = {
 # (preset, data_term, order) -> (λ, θ), for images scaled jointly to [0, 1] and spacing in mm.
 TUNED: dict[tuple[str, str, int], tuple[float, float]] = {
     ("fast", "l2", 1): (1.0, 0.1),
-    ("fast", "l2", 2): (1.0, 0.1),
+    ("fast", "l2", 2): (0.3, 0.001),
     ("fast", "l2", 3): (1.0, 0.1),
     ("fast", "l1", 1): (0.1, 0.1),
-    ("fast", "l1", 2): (0.1, 0.1),
+    ("fast", "l1", 2): (0.03, 0.001),
     ("fast", "l1", 3): (0.1, 0.1),
     ("accurate", "l2", 1): (1.0, 0.1),
-    ("accurate", "l2", 2): (1.0, 0.1),
+    ("accurate", "l2", 2): (0.3, 0.001),
     ("accurate", "l2", 3): (1.0, 0.1),
     ("accurate", "l1", 1): (0.1, 0.1),
-    ("accurate", "l1", 2): (0.1, 0.1),
+    ("accurate", "l1", 2): (0.03, 0.001),
     ("accurate", "l1", 3): (0.1, 0.1),
 }
 

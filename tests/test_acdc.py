@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import nadmm_torch as nt
 from nadmm_torch.data import load_sample
 from nadmm_torch.data.acdc import (
     crop_or_pad,
@@ -239,9 +240,9 @@ def test_benchmark_smoke(tmp_path):
     out = tmp_path / "acdc.json"
     cmd = [
         sys.executable, str(REPO / "benchmarks" / "acdc.py"), "--data", str(DATA),
-        "--json", str(out), "--methods", "unregistered", "--max-pairs", "2",
+        "--json", str(out), "--methods", "unregistered,nadmm-fast-l2-o2", "--max-pairs", "2",
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(out.read_text())
     assert set(doc) >= {"summary", "pairs"}
@@ -257,6 +258,27 @@ def test_benchmark_smoke(tmp_path):
     for k in ("patient", "dice_rv", "dice_myo", "dice_lv", "dice", "hd", "fold_percent", "seconds"):
         assert k in recs[0]
     assert "| unregistered |" in proc.stdout
+    ours = doc["pairs"]["nadmm-fast-l2-o2"]
+    assert [r["patient"] for r in ours] == [r["patient"] for r in recs]
+    for before, after in zip(recs, ours):
+        assert after["dice"] > before["dice"] + 0.05, (before, after)
+        assert after["fold_percent"] == 0.0
+
+
+@needs_data
+@pytest.mark.acdc
+@pytest.mark.parametrize("data_term,order", [("l2", 2), ("l1", 1), ("l2", 3)])
+def test_registration_raises_dice_on_real_pairs_without_folding(data_term, order):
+    rows = read_pairs(DATA)
+    _, report = split(rows)
+    for patient in report[::7]:  # 3 pairs: DCM, HCM, NOR
+        pair = load_pair(DATA, patient)
+        d = nt.register(pair.fixed, pair.moving, spacing=pair.spacing, data_term=data_term,
+                        order=order)
+        before, after = evaluate_pair(pair, None), evaluate_pair(pair, d)
+        assert after["dice"] > before["dice"] + 0.05, (patient, before["dice"], after["dice"])
+        assert after["hd"] < before["hd"], patient
+        assert after["fold_percent"] == 0.0, patient
 
 
 @pytest.mark.slow

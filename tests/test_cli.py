@@ -403,6 +403,7 @@ def test_cohort_sigint_in_a_real_process(tmp_path):
         def slow(fixed, moving, **kw):
             calls.append(1)
             if len(calls) == 2:
+                open({str(tmp_path / "in_second")!r}, "w").close()
                 time.sleep(60)
             return _known_field(fixed, moving)
         nadmm_torch.register = slow
@@ -412,13 +413,13 @@ def test_cohort_sigint_in_a_real_process(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 60
-        while not (out / "a" / "summary.json").exists() and time.time() < deadline:
+        deadline = time.time() + 180  # generous: a loaded CI machine imports torch slowly
+        while not (tmp_path / "in_second").exists() and time.time() < deadline:
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
-        time.sleep(0.5)  # now inside the second registration
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        assert (tmp_path / "in_second").exists(), "the second registration never started"
+        proc.send_signal(signal.SIGINT)  # now inside the second registration
+        _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -55,10 +55,10 @@ def test_recovers_a_known_deformation_of_an_acdc_slice(data_term):
     epe = (d - d_true).norm(dim=1)[0][heart].mean()
     magnitude = d_true.norm(dim=1)[0][heart].mean()
     print(f"{data_term}: EPE {epe:.3f} voxels against mean |d| {magnitude:.3f}")
-    assert epe < 0.35 * magnitude
+    assert epe < 0.25 * magnitude
     before = nt.dice(labels, target).mean()
     after = nt.dice(warp_labels(labels, d), target).mean()
-    assert after > before + 0.1
+    assert after > 0.98 > before  # 3-voxel field: Dice ~0.91 unregistered
     assert float(nt.fold_percent(d)[0]) == 0.0
 
 
