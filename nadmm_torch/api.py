@@ -12,7 +12,7 @@ from .ops import warp as _warp
 
 def register(
     fixed: Tensor,
-    moving: Tensor,
+    moving: Tensor | None = None,
     *,
     spacing=None,
     preset: str = "fast",
@@ -24,7 +24,8 @@ def register(
 ):
     """Register ``moving`` to ``fixed``; returns the displacement ``(B, ndim, *S)`` (voxels).
 
-    ``fixed``/``moving``: ``(B, 1, *S)`` floating tensors on one device (2D or 3D).
+    ``fixed``/``moving``: ``(B, 1, *S)`` floating tensors on one device (2D or 3D), or TorchIO
+    images / a ``tio.Subject`` with ``"fixed"`` and ``"moving"`` (spacing read from them).
     ``spacing``: ``ndim`` spacings in mm in the order of ``S`` (default 1).
     ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
     Runs without building an autograd graph unless an input requires grad.

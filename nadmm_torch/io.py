@@ -46,6 +46,7 @@ __all__ = [
     "to_sitk",
     "to_torchio",
     "from_torchio",
+    "unpack_torchio_pair",
     "sitk_error_reason",
 ]
 
@@ -607,3 +608,51 @@ def from_torchio(obj, squeeze_2d: bool = True):
     else:
         t = t.float()
     return t, geometry
+
+
+def _is_torchio(obj: Any) -> bool:
+    mod = type(obj).__module__
+    return mod == "torchio" or mod.startswith("torchio.")
+
+
+def unpack_torchio_pair(
+    fixed: Any, moving: Any, spacing: Any = None, fixed_key: str = "fixed",
+    moving_key: str = "moving",
+) -> tuple[Any, Any, Any, Geometry | None]:
+    """Tensors, spacing and the fixed image's geometry from TorchIO inputs.
+
+    ``fixed``/``moving`` may be tensors (returned unchanged), ``tio.Image`` objects, or
+    ``fixed`` a ``tio.Subject`` holding images named ``fixed_key``/``moving_key`` (then
+    ``moving`` is ``None``). The spacing comes from the fixed image unless given; TorchIO's
+    ``(C, X, Y, Z)`` becomes this package's ``(1, C, Z, Y, X)`` array order, so the
+    displacement's component ``i`` is along array axis ``i`` (use :func:`to_torchio` with the
+    returned geometry to go back).
+    """
+    if not (_is_torchio(fixed) or _is_torchio(moving)):
+        return fixed, moving, spacing, None
+    import torchio as tio
+
+    if isinstance(fixed, tio.Subject):
+        if moving is not None:
+            raise ValueError("moving: must be None when fixed is a tio.Subject")
+        missing = [k for k in (fixed_key, moving_key) if k not in fixed]
+        if missing:
+            raise ValueError(
+                f"fixed: the tio.Subject has no image(s) {missing}; it has {list(fixed.keys())}"
+            )
+        fixed, moving = fixed[fixed_key], fixed[moving_key]
+    geometry = None
+    out = []
+    for name, obj in (("fixed", fixed), ("moving", moving)):
+        if isinstance(obj, tio.Image):
+            t, geo = from_torchio(obj)
+            out.append(t.float() if not t.is_floating_point() else t)
+            if name == "fixed":
+                geometry = geo
+        elif _is_torchio(obj):
+            raise TypeError(f"{name}: expected a tio.Image or a tensor, got {type(obj).__name__}")
+        else:
+            out.append(obj)
+    if spacing is None and geometry is not None:
+        spacing = geometry.array_spacing
+    return out[0], out[1], spacing, geometry

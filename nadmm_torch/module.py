@@ -75,7 +75,11 @@ class NADMMRegistration(nn.Module):
     Shapes:
         ``forward(fixed (B, 1, *S), moving (B, 1, *S), spacing=None, initial_displacement=None)``
         → displacement ``(B, ndim, *S)`` in voxel units (pull-back: ``moving(x + d(x))``
-        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``.
+        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``. ``fixed``/``moving`` may also be
+        ``tio.ScalarImage`` objects, or ``fixed`` a ``tio.Subject`` with images ``"fixed"`` and
+        ``"moving"`` (then ``moving=None``): spacing is then read from the fixed image and
+        ``S`` is the array order ``(Z, Y, X)`` (see :func:`nadmm_torch.io.unpack_torchio_pair`;
+        :func:`nadmm_torch.io.to_torchio` turns results back into TorchIO images).
     """
 
     def __init__(
@@ -138,11 +142,15 @@ class NADMMRegistration(nn.Module):
     def forward(
         self,
         fixed: Tensor,
-        moving: Tensor,
+        moving: Tensor | None = None,
         spacing=None,
         initial_displacement: Tensor | None = None,
         return_diagnostics: bool = False,
     ) -> Tensor | tuple[Tensor, Diagnostics]:
+        if not (isinstance(fixed, Tensor) and isinstance(moving, Tensor)):
+            from .io import unpack_torchio_pair  # TorchIO images / subject: spacing from them
+
+            fixed, moving, spacing, _ = unpack_torchio_pair(fixed, moving, spacing)
         fixed, moving = prepare_pair(fixed, moving)
         ndim = fixed.dim() - 2
         spacing = check_spacing(spacing, ndim)

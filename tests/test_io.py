@@ -238,3 +238,25 @@ def test_torchio_2d(tmp_path):
     assert np.allclose(ours.affine, ref.affine) and torch.allclose(ours.data, ref.data)
     back, geo2 = from_torchio(ours)
     assert torch.equal(back, img) and geo2.matches(geo, tol=1e-6)
+
+
+def test_register_and_module_accept_torchio_images_and_subjects():
+    tio = pytest.importorskip("torchio")
+    import nadmm_torch as nt
+    from nadmm_torch.data import load_sample
+
+    s = load_sample()
+    geo = Geometry(size=tuple(reversed(s.fixed.shape[2:])), spacing=tuple(reversed(s.spacing)),
+                   origin=(5.0, -3.0, 20.0), direction=tuple(np.eye(3).ravel()))
+    fixed, moving = to_torchio(s.fixed, geo), to_torchio(s.moving, geo)
+    expected = nt.register(s.fixed, s.moving, spacing=s.spacing, iterations=2, warps=2)
+    kw = dict(iterations=2, warps=2)
+    from_images = nt.register(fixed, moving, **kw)  # spacing taken from the images
+    subject = tio.Subject(fixed=fixed, moving=moving)
+    from_subject = nt.NADMMRegistration(**kw)(subject)
+    torch.testing.assert_close(from_images, expected)
+    torch.testing.assert_close(from_subject, expected)
+    warped = to_torchio(nt.warp(s.moving, from_images), geo)
+    np.testing.assert_allclose(warped.affine, fixed.affine)
+    with pytest.raises(ValueError, match="tio.Subject has no image"):
+        nt.register(tio.Subject(a=fixed, b=moving))
