@@ -12,8 +12,8 @@ Search (ES→ED protocol of :mod:`nadmm_torch.data.acdc`, scored by mean Dice of
 
 * ``fast``: λ × θ on a log grid (:data:`LAMBDA_GRID` per data term × :data:`THETA_GRID`),
   extended by ×3 steps past an edge where the best setting lies on it;
-* ``accurate``: the 3 × 3 neighbourhood (×1/3, ×1, ×3 in λ and θ) of the best ``fast``
-  setting of the same data term and order (the tolerance-stopped solver is 3–5× dearer).
+* ``accurate``: λ × {1/3, 1, 3} around the best ``fast`` setting of the same data term and
+  order, at its θ (extended like ``fast``; the tolerance-stopped solver is ~3× dearer).
 
 Configurations with any folded voxel are not eligible. Pairs: ``--subset`` tuning patients
 spread evenly over the sorted tuning IDs (the report split is never touched). The record is
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                     if base is None:
                         print(f"skip {key(preset, data_term, order)}: no fast result yet")
                         continue
-                    grid = [(base["lam"] * a, base["theta"] * b)
-                            for a in (1 / 3, 1, 3) for b in (1 / 3, 1, 3)]
+                    grid = [(base["lam"] * a, base["theta"]) for a in (1 / 3, 1, 3)]
                 k = key(preset, data_term, order)
                 entries = run_grid(record, save, k, pairs, grid)
                 # A best λ or θ on the edge of the grid: extend the grid past it (×3 per

@@ -395,7 +395,9 @@ def test_cohort_sigint_in_a_real_process(tmp_path):
     csv_path = _cohort(tmp_path)
     out = tmp_path / "cohort"
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # A background job (nohup, CI runners) may inherit SIGINT ignored; a terminal would not.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import nadmm_torch
         from test_cli import _known_field

@@ -28,7 +28,8 @@ class SolverConfig:
 
     ``lam``/``theta`` are floats or per-level tuples. ``iterations`` (ADMM, K) and ``warps``
     (compositions, W) are maxima; ``tol_admm``/``tol_warp`` stop earlier where set.
-    ``tol_warp`` is the RMS step (voxels of the level) under which a level stops.
+    ``tol_warp`` is the RMS step (voxels of the level) under which a level stops (a step the
+    safeguard scales to 0 counts as 0).
     ``frozen_axes``: spatial axes along which nothing moves (their displacement component stays
     zero), or ``"thick"`` for the axes with spacing > 2 × the finest (slice axes of 2D-stack MRI,
     whose image gradient across 5–10 mm slices is not a reliable motion cue).
@@ -340,7 +341,9 @@ def solve(
             if config.tol_warp is not None:
                 act = active.view(-1, *([1] * (ndim + 1)))
                 d = torch.where(act, d_new, d)
-                rms = u.pow(2).sum(1).flatten(1).mean(1).sqrt()
+                # The step actually taken (s u): a safeguarded step of scale 0 leaves d as it was,
+                # so the next warp would repeat it exactly: the level has stalled, stop it too.
+                rms = s * u.pow(2).sum(1).flatten(1).mean(1).sqrt()
                 active = active & ~(rms < config.tol_warp)
             else:
                 d = d_new
