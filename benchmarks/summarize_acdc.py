@@ -3,7 +3,12 @@
 
 Usage::
 
-    python benchmarks/summarize_acdc.py --json OUT.json [--data DIR] [--patients report]
+    python benchmarks/summarize_acdc.py --json OUT.json [OUT2.json ...] [--data DIR]
+        [--patients report] [--out MERGED.json]
+
+Several JSON files (e.g. one run split over processes by ``--patients``) are merged: per
+method, the pairs of all files (a patient seen twice keeps its first record). ``--out`` writes
+the merged document in the format of ``benchmarks/acdc.py``.
 
 ``--patients``: ``all`` (default), ``tune`` / ``report`` (the fixed split; needs ``--data`` for
 the groups) or a comma list of patient IDs.
@@ -30,11 +35,22 @@ def _table():
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--json", required=True)
+    ap.add_argument("--json", required=True, nargs="+")
+    ap.add_argument("--out", default=None, help="write the merged JSON here")
     ap.add_argument("--data", default=None, help="folder with pairs.csv (for tune / report)")
     ap.add_argument("--patients", default="all")
     args = ap.parse_args(argv)
-    doc = json.loads(Path(args.json).read_text())
+    doc: dict = {"summary": {}, "pairs": {}}
+    for path in args.json:
+        part = json.loads(Path(path).read_text())
+        for m, recs in part["pairs"].items():
+            have = {r["patient"] for r in doc["pairs"].get(m, [])}
+            doc["pairs"].setdefault(m, []).extend(r for r in recs if r["patient"] not in have)
+        for m, s in part["summary"].items():
+            doc["summary"].setdefault(m, s)
+        for k, v in part.items():
+            if k not in ("summary", "pairs"):
+                doc.setdefault(k, v)
     if args.patients == "all":
         keep = None
     elif args.patients in ("tune", "report"):
@@ -51,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         s["device"] = doc["summary"].get(m, {}).get("device", "")
         out[m] = s
     n = {m: s["n_pairs"] for m, s in out.items()}
-    print(f"{args.json}: patients {args.patients}, pairs per method {n}")
+    print(f"{', '.join(args.json)}: patients {args.patients}, pairs per method {n}")
+    if args.out:
+        for m, recs in doc["pairs"].items():
+            recs.sort(key=lambda r: r["patient"])
+            doc["summary"][m] = dict(summarize(recs), device=out[m]["device"])
+        Path(args.out).write_text(json.dumps(doc, indent=1))
     print(_table()(out))
     return 0
 

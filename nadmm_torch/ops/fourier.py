@@ -71,6 +71,16 @@ def laplacian_symbol(
     return (total**order).to(dtype=dtype, device=device)
 
 
+def _along(x: Tensor, m: Tensor, dim: int) -> Tensor:
+    """``y_k = Σ_i m[k, i] x_i`` along ``dim``, as one (batched) matmul without moving axes."""
+    if dim == x.dim() - 1:
+        return x @ m.T
+    if dim == x.dim() - 2:
+        return m @ x
+    shape = x.shape
+    return (m @ x.reshape(math.prod(shape[:dim]), shape[dim], -1)).reshape(shape)
+
+
 def forward_transform(x: Tensor, boundary: str) -> Tensor:
     """Transform the spatial axes of ``(B, C, *S)`` into the basis that diagonalises ``Δ``."""
     ndim = x.dim() - 2
@@ -80,7 +90,7 @@ def forward_transform(x: Tensor, boundary: str) -> Tensor:
     for d in dims:
         n = x.shape[d]
         if n > 1:
-            x = (x.movedim(d, -1) @ dct_matrix(n, x.dtype, x.device).T).movedim(-1, d)
+            x = _along(x, dct_matrix(n, x.dtype, x.device), d)
     return x
 
 
@@ -93,7 +103,7 @@ def inverse_transform(x: Tensor, shape: Sequence[int], boundary: str) -> Tensor:
     for d in dims:
         n = x.shape[d]
         if n > 1:
-            x = (x.movedim(d, -1) @ dct_matrix(n, x.dtype, x.device)).movedim(-1, d)
+            x = _along(x, dct_matrix(n, x.dtype, x.device).T, d)
     return x
 
 

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""Speed and memory of the solver against SimpleITK demons, on real ACDC volumes.
+
+Usage::
+
+    python benchmarks/speed.py --json OUT.json [--device cpu|cuda] [--sizes acdc,paper]
+        [--batch 1,4,16] [--presets fast,accurate] [--repeats 5] [--threads N]
+        [--data DIR] [--patient patient001] [--no-demons]
+
+Sizes: ``acdc`` is the ACDC protocol grid ``(Z, 128, 128)`` (spacing ``(s_z, 1.5, 1.5)``);
+``paper`` is the paper's ``96 × 128 × 128`` grid: the same pair resampled to 1.5 mm isotropic
+(linear along the slice axis) and zero-padded / cropped to 96 slices. An explicit
+``ZxYxX`` size resamples the pair to that grid. With ``--data`` absent (or not holding the
+patient), the bundled sample (patient037) is used.
+
+For each (size, preset, batch): the median wall time of ``--repeats`` runs after one warm-up
+(``torch.cuda.synchronize`` on GPU), per pair (``time / batch``), pairs per second, and the
+peak memory (CUDA: ``max_memory_allocated``; CPU: peak resident set size above the level
+before the run, sampled every 2 ms). SimpleITK diffeomorphic demons at its tuned settings
+(σ 0.5, iterations (15, 10, 5)) runs on the CPU in the same process, batch 1.
+
+**Floor estimate** (fast preset, per size and batch): the time the solver could not beat on this
+device given its work: per ADMM iteration one forward and one inverse spectral transform of the
+``(B, ndim, *S)`` field (timed here alone) plus ``BYTES_PER_ITER`` field-sized float reads /
+writes for the v-, b- and momentum updates; per warp ``BYTES_PER_WARP`` field-sized transfers
+(warp, gradient, composition, safeguard), at the bandwidth of a large ``copy_`` measured here.
+The table gives our time as a multiple of that floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import nadmm_torch as nt
+from nadmm_torch.ops.fourier import forward_transform, inverse_transform
+from nadmm_torch.ops.solver import pyramid_factors
+from nadmm_torch.presets import preset_config
+
+# Field-sized (B, ndim, *S) float tensors read or written, counted from ops/admm.py and
+# ops/solver.py: per ADMM iteration (w, v-step with g/c/s, rhs, u-step in/out, b, residual,
+# momentum on u and b) and per warp (warp read/write, gradient, composition, det J check).
+BYTES_PER_ITER = 14
+BYTES_PER_WARP = 12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakRSS:
+    """Peak resident set size (bytes) above the level at entry, sampled in a thread."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak, self.base = interval, 0, 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> PeakRSS:
+        self.base = self.peak = self.rss()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+    @property
+    def used(self) -> int:
+        return self.peak - self.base
+
+
+def load_images(args) -> tuple[torch.Tensor, torch.Tensor, tuple[float, ...], str]:
+    """(fixed, moving) ``(1, 1, Z, 128, 128)``, spacing, source name."""
+    if args.data and (Path(args.data) / "pairs.csv").is_file():
+        from nadmm_torch.data.acdc import load_pair
+
+        pair = load_pair(args.data, args.patient)
+        return pair.fixed, pair.moving, pair.spacing, f"{args.data}:{pair.patient}"
+    from nadmm_torch.data.sample import load_sample
+
+    s = load_sample()
+    return s.fixed, s.moving, s.spacing, f"bundled sample ({s.patient})"
+
+
+def resample_to(x: torch.Tensor, spacing, size: tuple[int, int, int]):
+    """Resample along the slice axis to 1.5 mm (linear), then pad / crop every axis to size."""
+    z, y, w = x.shape[2:]
+    new_z = max(1, round(z * spacing[0] / 1.5))
+    x = F.interpolate(x, size=(new_z, y, w), mode="trilinear", align_corners=False)
+    out = x.new_zeros(1, 1, *size)
+    src = [slice(max(0, (n - m) // 2), max(0, (n - m) // 2) + min(n, m))
+           for n, m in zip(x.shape[2:], size)]
+    dst = [slice(max(0, (m - n) // 2), max(0, (m - n) // 2) + min(n, m))
+           for n, m in zip(x.shape[2:], size)]
+    out[(slice(None), slice(None), *dst)] = x[(slice(None), slice(None), *src)]
+    return out, (1.5, spacing[1], spacing[2])
+
+
+def make_size(name: str, fixed, moving, spacing):
+    if name == "acdc":
+        return fixed, moving, spacing
+    size = (96, 128, 128) if name == "paper" else tuple(int(v) for v in name.split("x"))
+    f, sp = resample_to(fixed, spacing, size)
+    m, _ = resample_to(moving, spacing, size)
+    return f, m, sp
+
+
+def time_call(fn, device, repeats: int) -> tuple[float, list[float], int]:
+    """Median seconds after one warm-up, all times, peak memory (bytes)."""
+    fn()
+    _sync(device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    with PeakRSS() as rss:
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated(device) - base) if device.type == "cuda" else rss.used
+    return statistics.median(times), times, int(peak)
+
+
+def bandwidth(device: torch.device, mbytes: int = 256) -> float:
+    """Bytes per second of a large device-to-device copy (read + write)."""
+    n = mbytes * 2**20 // 4
+    x = torch.empty(n, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    _sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+def transform_time(shape, device, boundary: str, repeats: int = 5) -> float:
+    """Seconds of one forward + inverse spectral transform of a field of ``shape``."""
+    x = torch.randn(shape, device=device)
+
+    def run():
+        return inverse_transform(forward_transform(x, boundary), shape[2:], boundary)
+
+    run()
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def floor_estimate(shape, spacing, batch: int, device, bw: float) -> dict:
+    """Floor of the fast preset (seconds per call of ``batch`` pairs); see the module doc."""
+    cfg = preset_config("fast")
+    ndim = len(shape)
+    total = 0.0
+    transforms = 0.0
+    for level, fac in enumerate(pyramid_factors(shape, spacing, cfg.levels)):
+        size = tuple(max(1, round(n / f)) for n, f in zip(shape, fac))
+        field = (batch, ndim, *size)
+        nbytes = 4 * batch * ndim * int(torch.tensor(size).prod())
+        t_tr = transform_time(field, device, cfg.boundary)
+        k, w = cfg.iterations[level], cfg.warps[level]
+        transforms += w * k * t_tr
+        total += w * (k * (t_tr + BYTES_PER_ITER * nbytes / bw) + BYTES_PER_WARP * nbytes / bw)
+    return {"seconds": total, "transform_seconds": transforms}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--sizes", default="acdc,paper")
+    ap.add_argument("--batch", default=None, help="default: 1,4,16 on cuda, 1,4 on cpu")
+    ap.add_argument("--presets", default="fast,accurate")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" /
+                                          "data" / "acdc"))
+    ap.add_argument("--patient", default="patient001")
+    ap.add_argument("--no-demons", action="store_true")
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    batches = [int(b) for b in (args.batch or ("1,4,16" if device.type == "cuda" else "1,4"))
+               .split(",")]
+    fixed0, moving0, spacing0, source = load_images(args)
+    device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"{platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads")
+    bw = bandwidth(device)
+    rows = []
+    for size_name in args.sizes.split(","):
+        fixed, moving, spacing = make_size(size_name, fixed0, moving0, spacing0)
+        shape = tuple(fixed.shape[2:])
+        demons_s = None
+        if not args.no_demons:
+            from nadmm_torch.baselines import available, demons_register
+
+            if available(["demons"])["demons"]:
+                t, _, mem = time_call(
+                    lambda f=fixed, m=moving, s=spacing: demons_register(f, m, s),
+                    torch.device("cpu"), max(1, min(args.repeats, 3)))
+                demons_s = t
+                rows.append(dict(size=size_name, shape=shape, method="demons (SimpleITK)",
+                                 batch=1, seconds_per_pair=t, pairs_per_second=1 / t,
+                                 peak_memory_mb=mem / 2**20, device="cpu"))
+                print(f"{size_name} {shape} demons: {t:.3f} s/pair", flush=True)
+        for preset in args.presets.split(","):
+            for b in batches:
+                f = fixed.to(device).expand(b, -1, -1, -1, -1).contiguous()
+                m = moving.to(device).expand(b, -1, -1, -1, -1).contiguous()
+                med, times, mem = time_call(
+                    lambda f=f, m=m, p=preset, sp=spacing: nt.register(f, m, spacing=sp, preset=p),
+                    device, args.repeats)
+                row = dict(size=size_name, shape=shape, method=f"nadmm-{preset}-l2-o2", batch=b,
+                           seconds_per_pair=med / b, pairs_per_second=b / med,
+                           seconds_per_call=med, times=times, peak_memory_mb=mem / 2**20,
+                           device=device_name)
+                if demons_s is not None:
+                    row["demons_ratio"] = (med / b) / demons_s
+                if preset == "fast":
+                    fl = floor_estimate(shape, spacing, b, device, bw)
+                    row["floor_seconds_per_pair"] = fl["seconds"] / b
+                    row["floor_transform_seconds_per_pair"] = fl["transform_seconds"] / b
+                    row["floor_ratio"] = med / fl["seconds"]
+                rows.append(row)
+                print(f"{size_name} {shape} {preset} batch {b}: {med / b:.3f} s/pair "
+                      f"({b / med:.1f} pairs/s), peak {mem / 2**20:.0f} MB", flush=True)
+
+    header = ("| size | method | batch | s / pair | pairs / s | peak MB | × demons | "
+              "floor s / pair | × floor |")
+    lines = [f"Device: {device_name}; torch {torch.__version__}; source {source}; "
+             f"copy bandwidth {bw / 1e9:.1f} GB/s", "", header, "|" + "---|" * 9]
+    def fmt(r: dict, k: str, spec: str) -> str:
+        return format(r[k], spec) if k in r else "–"
+
+    for r in rows:
+        lines.append(
+            f"| {r['size']} {'×'.join(map(str, r['shape']))} | {r['method']} | {r['batch']} | "
+            f"{r['seconds_per_pair']:.3f} | {r['pairs_per_second']:.1f} | "
+            f"{r['peak_memory_mb']:.0f} | {fmt(r, 'demons_ratio', '.2f')} | "
+            f"{fmt(r, 'floor_seconds_per_pair', '.4f')} | {fmt(r, 'floor_ratio', '.1f')} |")
+    table = "\n".join(lines)
+    print(table)
+    doc = dict(rows=rows, device=device_name, torch=torch.__version__, source=source,
+               bandwidth_bytes_per_second=bw, date=time.strftime("%Y-%m-%d"),
+               threads=torch.get_num_threads(), table=table)
+    Path(args.json).write_text(json.dumps(doc, indent=1, default=list))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
