@@ -2,18 +2,33 @@
 
 Each error names the argument and says what was expected. Checks that need the values (finite,
 non-constant) cost one reduction and one host synchronisation per image; they run once per
-call, never inside the solver's loops.
+call, never inside the solver's loops. Structural checks (type, shape, dtype, device) run
+before any check that reads values, so a tensor on the wrong device is reported as such.
+
+Policies:
+
+* channels: the registration takes single-channel images (``C = 1``) and refuses ``C > 1``
+  (select or average the channels first); :func:`nadmm_torch.warp` warps any ``C``.
+* dtypes: float32/float64 are computed as given; float16/bfloat16 are computed in float32
+  (the displacement is float32); integer, bool and complex images are refused.
+* sizes: every spatial axis needs at least :data:`MIN_AXIS` voxels, or exactly 1 (a single
+  slice, which the pyramid never downsamples); a 2- or 3-voxel axis is almost always a mix-up
+  of axes (e.g. RGB or a vector component taken as a spatial axis).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 FLOAT_DTYPES = (torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Smallest spatial axis the registration accepts (besides a single slice); see module docstring.
+MIN_AXIS = 4
 
 
 def check_tensor(x: object, name: str) -> Tensor:
@@ -22,8 +37,13 @@ def check_tensor(x: object, name: str) -> Tensor:
     return x
 
 
-def check_image(x: object, name: str, ndim: int | None = None) -> Tensor:
-    """``(B, C, *S)`` with ``len(S)`` in {2, 3} (or ``ndim``), non-empty, floating, finite."""
+def check_nonempty(x: Tensor, name: str) -> None:
+    if x.numel() == 0:
+        raise ValueError(f"{name}: is empty (shape {tuple(x.shape)}); expected at least 1 voxel")
+
+
+def check_image_layout(x: object, name: str, ndim: int | None = None) -> Tensor:
+    """Structure only (reads no values): ``(B, C, *S)``, ``len(S)`` in {2, 3}, non-empty, float."""
     x = check_tensor(x, name)
     if x.dim() not in (4, 5):
         raise ValueError(
@@ -32,13 +52,18 @@ def check_image(x: object, name: str, ndim: int | None = None) -> Tensor:
         )
     if ndim is not None and x.dim() - 2 != ndim:
         raise ValueError(f"{name}: expected {ndim} spatial dims, got {x.dim() - 2}")
-    if x.numel() == 0:
-        raise ValueError(f"{name}: is empty (shape {tuple(x.shape)})")
+    check_nonempty(x, name)
     if not x.is_floating_point():
         raise TypeError(
             f"{name}: expected a floating dtype (float32/float64), got {x.dtype}; "
             "convert with .float()"
         )
+    return x
+
+
+def check_image(x: object, name: str, ndim: int | None = None) -> Tensor:
+    """``(B, C, *S)`` with ``len(S)`` in {2, 3} (or ``ndim``), non-empty, floating, finite."""
+    x = check_image_layout(x, name, ndim)
     check_finite(x, name)
     return x
 
@@ -59,10 +84,16 @@ def check_not_constant(x: Tensor, name: str) -> None:
         raise ValueError(f"{name}: is constant (batch element(s) {idx}); nothing to register")
 
 
+def check_same_device(x: Tensor, device: torch.device, name: str, other: str) -> None:
+    """``x`` must be on ``device`` (where ``other``, e.g. "fixed", lives)."""
+    if x.device != device:
+        raise ValueError(f"{name}: on {x.device}, {other} on {device}; use one device")
+
+
 def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     """Fixed and moving: valid images of one shape, dtype and device, one channel each."""
-    fixed = check_image(fixed, "fixed")
-    moving = check_image(moving, "moving")
+    fixed = check_image_layout(fixed, "fixed")
+    moving = check_image_layout(moving, "moving")
     if fixed.dim() != moving.dim():
         raise ValueError(
             f"moving: expected {fixed.dim() - 2} spatial dims like fixed, got {moving.dim() - 2}"
@@ -82,13 +113,20 @@ def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
             f"{tuple(fixed.shape[2:])}; resample moving onto the fixed grid first "
             "(nadmm_torch.io.resample_to or the nadmm-register command do this)"
         )
-    if fixed.device != moving.device:
-        raise ValueError(f"moving: on {moving.device}, fixed on {fixed.device}; use one device")
+    check_same_device(moving, fixed.device, "moving", "fixed")
     if fixed.dtype != moving.dtype:
         raise TypeError(f"moving: dtype {moving.dtype} differs from fixed dtype {fixed.dtype}")
+    # Values last: these synchronise with the device.
+    check_finite(fixed, "fixed")
+    check_finite(moving, "moving")
     check_not_constant(fixed, "fixed")
     check_not_constant(moving, "moving")
     return fixed, moving
+
+
+def _is_real(v: object) -> bool:
+    """A real number (Python or NumPy) that is not a bool (True would silently mean 1)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
@@ -97,9 +135,17 @@ def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
         return None
     if isinstance(spacing, Tensor):
         spacing = spacing.detach().flatten().tolist()
-    if isinstance(spacing, (int, float)):
+    if isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)):
+        # One-element tensors (e.g. from a header) count as numbers.
+        spacing = [h.item() if isinstance(h, Tensor) and h.numel() == 1 else h for h in spacing]
+    if _is_real(spacing):
         spacing = (float(spacing),) * ndim
-    if not isinstance(spacing, Sequence) or len(spacing) != ndim:
+    if (
+        isinstance(spacing, (str, bytes))
+        or not isinstance(spacing, Sequence)
+        or len(spacing) != ndim
+        or not all(_is_real(h) for h in spacing)
+    ):
         raise ValueError(
             f"spacing: expected {ndim} numbers (one per spatial axis), got {spacing!r}"
         )
@@ -117,9 +163,9 @@ def check_displacement(d: object, name: str, like: Tensor | None = None) -> Tens
             f"{name}: expected a (B, ndim, *S) displacement with ndim = len(S) in (2, 3), "
             f"got shape {tuple(d.shape)}"
         )
+    check_nonempty(d, name)
     if not d.is_floating_point():
         raise TypeError(f"{name}: expected a floating dtype, got {d.dtype}")
-    check_finite(d, name)
     if like is not None:
         if d.shape[0] != like.shape[0] or d.shape[2:] != like.shape[2:]:
             raise ValueError(
@@ -127,21 +173,159 @@ def check_displacement(d: object, name: str, like: Tensor | None = None) -> Tens
                 f"{tuple(like.shape)}: expected ({like.shape[0]}, {like.dim() - 2}, "
                 f"{', '.join(str(s) for s in like.shape[2:])})"
             )
-        if d.device != like.device:
-            raise ValueError(f"{name}: on {d.device}, the image on {like.device}; use one device")
+        check_same_device(d, like.device, name, "the image")
+    check_finite(d, name)
     return d
 
 
 def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
-    if value not in choices:
+    # Compare by equality only: an unhashable value (a list) must get this message too.
+    if not any(isinstance(value, type(c)) and value == c for c in choices):
         raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
-def check_pyramid_size(shape: Sequence[int], min_size: int) -> None:
-    """Every axis but a single-slice one needs at least ``min_size`` voxels."""
+def check_pyramid_size(shape: Sequence[int], min_size: int = MIN_AXIS) -> None:
+    """Every axis needs at least ``min_size`` voxels, or exactly 1 (not all of them 1)."""
     small = [n for n in shape if 1 < n < min_size] or ([] if max(shape) >= min_size else [shape])
     if small:
         raise ValueError(
             f"fixed: spatial shape {tuple(shape)} is too small: every axis needs >= {min_size} "
-            "voxels (or exactly 1)"
+            "voxels (or exactly 1, a single slice, with at least one axis larger)"
         )
+
+
+# -- solver options ---------------------------------------------------------------------------
+
+POSITIVE_PER_LEVEL = "a positive finite number, or one per level"
+BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "normalize", "anisotropic_pyramid")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_int(value: object, name: str, minimum: int) -> int:
+    if not _is_int(value) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_positive(value: object, name: str, what: str = "a positive finite number") -> float:
+    if not _is_real(value) or not (0 < float(value) < math.inf):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)
+
+
+def _per_level(value: object, name: str, check):
+    """A scalar, or a sequence (one per level), each passing ``check``; returns the same kind."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) == 0:
+            raise ValueError(f"{name}: expected a value or one value per level, got {value!r}")
+        return tuple(check(v) for v in value)
+    return check(value)
+
+
+def check_options(
+    preset: object, data_term: object, order: object, options: Mapping
+) -> dict[str, object]:
+    """The settings of ``register`` / ``NADMMRegistration``, before the config is built.
+
+    ``None`` for an option means "the preset's value". Types are checked here so that a wrong
+    one gets a message naming the option instead of an error from deep inside the config.
+    Returns ``options`` with NumPy scalars made Python numbers (a λ from a NumPy grid works).
+    """
+    from .ops.fourier import BOUNDARIES  # local: checks must not import the solver at load
+    from .presets import CONFIG_FIELDS, PRESETS
+
+    check_choice(preset, "preset", sorted(PRESETS))
+    check_choice(data_term, "data_term", ("l2", "l1"))
+    _check_int(order, "order", 1)
+    unknown = sorted(set(options) - set(CONFIG_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}; valid options: {', '.join(CONFIG_FIELDS)}")
+    out = dict(options)
+    opts = {k: v for k, v in options.items() if v is not None}
+    for name in ("lam", "theta"):
+        if name in opts:
+            out[name] = _per_level(
+                opts[name], name, lambda v, n=name: _check_positive(v, n, POSITIVE_PER_LEVEL)
+            )
+    for name in ("levels", "min_level_size"):
+        if name in opts:
+            out[name] = _check_int(opts[name], name, 1)
+    for name in ("iterations", "warps"):
+        if name in opts:
+            out[name] = _per_level(
+                opts[name], name, lambda v, n=name: _check_int(v, f"{n} (per level)", 1)
+            )
+    for name in ("tol_admm", "tol_warp"):
+        if name in opts:
+            v = opts[name]
+            if not _is_real(v) or not 0 <= float(v) < math.inf:
+                raise ValueError(f"{name}: expected None or a finite number >= 0, got {v!r}")
+            out[name] = float(v)
+    if "min_jacobian" in opts:
+        v = opts["min_jacobian"]
+        # det J of the identity is 1: a threshold >= 1 would refuse every step.
+        if not _is_real(v) or not -math.inf < float(v) < 1:
+            raise ValueError(f"min_jacobian: expected a finite number < 1, got {v!r}")
+        out["min_jacobian"] = float(v)
+    if "restart_eta" in opts:
+        v = opts["restart_eta"]
+        if not _is_real(v) or not 0 < float(v) <= 1:
+            raise ValueError(f"restart_eta: expected a number in (0, 1], got {v!r}")
+        out["restart_eta"] = float(v)
+    for name in BOOL_OPTIONS:
+        if name in opts and not isinstance(opts[name], bool):
+            raise ValueError(f"{name}: expected True or False, got {opts[name]!r}")
+    if "boundary" in opts:
+        check_choice(opts["boundary"], "boundary", BOUNDARIES)
+    if "frozen_axes" in opts:
+        v = opts["frozen_axes"]
+        ok = v == "thick" if isinstance(v, str) else (
+            isinstance(v, Iterable) and all(_is_int(a) for a in v)
+        )
+        if not ok:
+            raise ValueError(
+                f"frozen_axes: expected a tuple of axis indices or 'thick', got {v!r}"
+            )
+    return out
+
+
+def check_learnable(learnable: object, names: Sequence[str]) -> frozenset[str]:
+    """The learnable names: ``None``/``False`` (none), ``True``/``"all"`` (all of ``names``),
+    one name, or an iterable of names from ``names``."""
+    if learnable is None or learnable is False:
+        return frozenset()
+    if learnable is True or learnable == "all":
+        return frozenset(names)
+    if isinstance(learnable, str):
+        values = [learnable]
+    elif isinstance(learnable, Iterable) and not isinstance(learnable, (bytes, Mapping, Tensor)):
+        values = list(learnable)
+    else:
+        values = None
+    if values is None or not all(isinstance(v, str) for v in values):
+        raise ValueError(
+            f"learnable: expected None, True, 'all' or names from {list(names)}, got {learnable!r}"
+        )
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"learnable: unknown name(s) {unknown}; expected True, 'all' or a subset of "
+            f"{list(names)}"
+        )
+    return frozenset(values)
+
+
+def check_module_device(x: Tensor, module: torch.nn.Module, name: str) -> None:
+    """The module's parameters and buffers must live where the input does."""
+    from itertools import chain
+
+    for p in chain(module.parameters(), module.buffers()):
+        if p.device != x.device:
+            raise ValueError(
+                f"{name}: on {x.device}, the module's parameters on {p.device}; move the "
+                f"module with .to({str(x.device)!r}) or the input to {p.device}"
+            )
+        return  # they all move together with .to(); the first one tells

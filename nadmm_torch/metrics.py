@@ -18,7 +18,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from .ops.diff import jacobian_determinant
+from .checks import check_finite, check_nonempty
+from .ops.diff import jacobian_determinant as _jacobian_determinant
 
 __all__ = ["dice", "hausdorff_slices", "jacobian_determinant", "fold_percent"]
 
@@ -39,12 +40,13 @@ def _check_labels(pred: Tensor, true: Tensor, name: str = "pred") -> None:
         raise ValueError(f"{name} must be an integer label map, got dtype {pred.dtype}")
     if true.is_floating_point() or true.is_complex():
         raise ValueError(f"true labels must be an integer label map, got dtype {true.dtype}")
+    check_nonempty(pred, name)  # an empty map would score NaN silently
 
 
 def _check_label_list(labels: Sequence[int]) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in labels)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"labels must be a sequence of ints, got {labels!r}") from e
     if not out:
         raise ValueError("labels must not be empty")
@@ -156,15 +158,7 @@ def hausdorff_slices(
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
-def fold_percent(displacement: Tensor) -> Tensor:
-    """Percentage of voxels where ``det(I + ∇d) <= 0`` (central differences, voxel units).
-
-    Args:
-        displacement: ``(B, ndim, *S)`` with ndim = 2 or 3 equal to ``len(S)``, voxel units.
-
-    Returns:
-        ``(B,)`` float tensor, in percent (0 ... 100).
-    """
+def _check_displacement(displacement: object) -> Tensor:
     if not isinstance(displacement, Tensor):
         raise ValueError(f"displacement must be a torch.Tensor, got {type(displacement).__name__}")
     if displacement.dim() not in (4, 5) or displacement.shape[1] != displacement.dim() - 2:
@@ -174,5 +168,34 @@ def fold_percent(displacement: Tensor) -> Tensor:
         )
     if not displacement.is_floating_point():
         raise ValueError(f"displacement must be floating point, got dtype {displacement.dtype}")
-    det = jacobian_determinant(displacement)
+    check_nonempty(displacement, "displacement")
+    # NaN compares False with 0: a NaN field would count as fold-free.
+    check_finite(displacement, "displacement")
+    return displacement
+
+
+def jacobian_determinant(displacement: Tensor) -> Tensor:
+    """``det(I + ∇d)`` (central differences, voxel units; independent of spacing).
+
+    Args:
+        displacement: ``(B, ndim, *S)`` with ndim = 2 or 3 equal to ``len(S)``, voxel units,
+            finite.
+
+    Returns:
+        ``(B, *S)``.
+    """
+    return _jacobian_determinant(_check_displacement(displacement))
+
+
+def fold_percent(displacement: Tensor) -> Tensor:
+    """Percentage of voxels where ``det(I + ∇d) <= 0`` (central differences, voxel units).
+
+    Args:
+        displacement: ``(B, ndim, *S)`` with ndim = 2 or 3 equal to ``len(S)``, voxel units,
+            finite.
+
+    Returns:
+        ``(B,)`` float tensor, in percent (0 ... 100).
+    """
+    det = _jacobian_determinant(_check_displacement(displacement))
     return (det <= 0).reshape(det.shape[0], -1).to(displacement.dtype).mean(1) * 100.0

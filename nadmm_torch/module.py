@@ -14,7 +14,15 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from .checks import check_displacement, check_pair, check_pyramid_size, check_spacing
+from .checks import (
+    check_displacement,
+    check_learnable,
+    check_module_device,
+    check_options,
+    check_pair,
+    check_pyramid_size,
+    check_spacing,
+)
 from .ops.solver import Diagnostics, SolverConfig, solve
 from .presets import preset_config
 
@@ -22,20 +30,7 @@ LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
 
 
 def _parse_learnable(learnable: bool | str | Iterable[str] | None) -> frozenset[str]:
-    if learnable in (None, False):
-        return frozenset()
-    if learnable is True or learnable == "all":
-        return frozenset(LEARNABLE_NAMES)
-    if isinstance(learnable, str):
-        learnable = {learnable}
-    names = frozenset(learnable)
-    unknown = sorted(names - set(LEARNABLE_NAMES))
-    if unknown:
-        raise ValueError(
-            f"learnable: unknown name(s) {unknown}; expected True, 'all' or a subset of "
-            f"{list(LEARNABLE_NAMES)}"
-        )
-    return names
+    return check_learnable(learnable, LEARNABLE_NAMES)
 
 
 def nesterov_momentum(iterations: int) -> list[float]:
@@ -96,6 +91,7 @@ class NADMMRegistration(nn.Module):
         super().__init__()
         if schedule not in ("level", "iteration"):
             raise ValueError(f"schedule: expected 'level' or 'iteration', got {schedule!r}")
+        overrides = check_options(preset, data_term, order, overrides)
         self.config: SolverConfig = preset_config(preset, data_term, order, **overrides)
         self.learnable = _parse_learnable(learnable)
         self.schedule = schedule
@@ -151,10 +147,12 @@ class NADMMRegistration(nn.Module):
             from .io import unpack_torchio_pair  # TorchIO images / subject: spacing from them
 
             fixed, moving, spacing, _ = unpack_torchio_pair(fixed, moving, spacing)
+        if isinstance(fixed, Tensor):
+            check_module_device(fixed, self, "fixed")
         fixed, moving = prepare_pair(fixed, moving)
         ndim = fixed.dim() - 2
         spacing = check_spacing(spacing, ndim)
-        check_pyramid_size(fixed.shape[2:], 2)
+        check_pyramid_size(fixed.shape[2:])
         if initial_displacement is not None:
             initial_displacement = check_displacement(
                 initial_displacement, "initial_displacement", like=fixed
