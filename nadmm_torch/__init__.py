@@ -6,12 +6,15 @@ Public API::
     warp(image, displacement, mode="bilinear" | "nearest")
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
+    losses.MSELoss / NCCLoss / DiceLoss / SmoothnessLoss / JacobianFoldLoss
+    RegistrationLightningModule (nadmm_torch.lightning; imported on first use, since
+    pytorch_lightning takes seconds to import)
 
 Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel units, component
 ``i`` along spatial axis ``i``; pull-back warping ``I(x + d(x))``.
 """
 
-from . import metrics
+from . import losses, metrics
 from .api import register, warp
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
@@ -20,11 +23,23 @@ from .presets import PRESETS, preset_config
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # Lazy: importing pytorch_lightning costs ~3 s, only pay it when the module is used.
+    if name == "RegistrationLightningModule":
+        from .lightning import RegistrationLightningModule
+
+        return RegistrationLightningModule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "NADMMRegistration",
     "register",
     "warp",
     "metrics",
+    "losses",
+    "RegistrationLightningModule",
     "dice",
     "hausdorff_slices",
     "jacobian_determinant",
