@@ -222,7 +222,10 @@ class RegistrationLightningModule(pl.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         """Register the batch; one record per pair: ``pair_id``, ``dice``, ``dice_<label>``
         (``dice_rv``… and ``hd*`` with ``evaluate="acdc"``), ``fold_percent`` (Python floats,
-        NaN where undefined), ``rank``, and ``displacement`` (``(1, ndim, *S)`` CPU tensor)."""
+        NaN where undefined), ``rank``, and ``displacement`` (``(1, ndim, *S)`` CPU tensor).
+
+        Use ``Trainer(inference_mode=False)`` if the same process trains NADMM afterwards (the
+        solver's caches must not be created under inference mode)."""
         d = self(batch["fixed"], batch["moving"], batch.get("spacing"))
         b = d.shape[0]
         ids = batch.get("pair_id", [str(batch_idx * b + i) for i in range(b)])
@@ -334,7 +337,8 @@ def register_cohort(
         outdir: where ``<pair_id>.json`` files go (created; meant to hold only this run's
             results: every ``*.json`` there is read back and counted).
         trainer_kwargs: for ``pl.Trainer``, e.g. ``dict(accelerator="cpu", devices=2,
-            strategy="ddp")``; defaults: no logger, no checkpointing, no progress bar.
+            strategy="ddp")``; defaults: no logger, no checkpointing, no progress bar,
+            ``inference_mode=False`` (see the comment in the code).
         batch_size, num_workers: of the ``DataLoader`` (in order, not shuffled).
         save_displacement: also write ``<pair_id>_displacement.pt`` ``(1, ndim, *S)``.
         evaluate, labels: for :class:`RegistrationLightningModule` when ``model`` is not one.
@@ -351,7 +355,13 @@ def register_cohort(
 
     if not isinstance(model, RegistrationLightningModule):
         model = RegistrationLightningModule(model, evaluate=evaluate, labels=labels)
-    kwargs = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    # inference_mode=False: predict under no_grad instead. Under inference mode the solver's
+    # cached DCT/symbol tensors (ops/fourier.py, lru_cache) become inference tensors and a later
+    # training step in the same process fails with "Inference tensors cannot be saved for
+    # backward".
+    kwargs = dict(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, inference_mode=False
+    )
     kwargs.update(trainer_kwargs or {})
     writer = CohortWriter(outdir, save_displacement=save_displacement)
     kwargs["callbacks"] = [*kwargs.get("callbacks", []), writer]
