@@ -140,8 +140,9 @@ class RegistrationLightningModule(pl.LightningModule):
         self.lr = lr
         self.weight_decay = weight_decay
         self.evaluate = evaluate
-        # The model is a module argument: keep it out of hparams (it is in the state dict).
-        self.save_hyperparameters(ignore=["model", "similarity"])
+        # Modules are kept out of hparams (they are in the state dict).
+        ignore = ["model"] + (["similarity"] if isinstance(similarity, nn.Module) else [])
+        self.save_hyperparameters(ignore=ignore)
 
     # -- model ---------------------------------------------------------------------------------
     def forward(self, fixed: Tensor, moving: Tensor, spacing: Any = None) -> Tensor:
