@@ -356,10 +356,8 @@ def register_cohort(
 
     if not isinstance(model, RegistrationLightningModule):
         model = RegistrationLightningModule(model, evaluate=evaluate, labels=labels)
-    # inference_mode=False: predict under no_grad instead. Under inference mode the solver's
-    # cached DCT/symbol tensors (ops/fourier.py, lru_cache) become inference tensors and a later
-    # training step in the same process fails with "Inference tensors cannot be saved for
-    # backward".
+    # inference_mode=False: predict under no_grad, so that models that need autograd inside
+    # predict (e.g. test-time refinement by gradient steps) work too.
     kwargs = dict(
         logger=False, enable_checkpointing=False, enable_progress_bar=False, inference_mode=False
     )

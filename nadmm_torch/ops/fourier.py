@@ -31,6 +31,11 @@ BOUNDARIES = ("neumann", "periodic")
 @lru_cache(maxsize=64)
 def dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Orthonormal DCT-II matrix ``C`` (``n × n``): ``X = C x``, inverse ``x = Cᵀ X``."""
+    with torch.inference_mode(False):  # cached: must stay usable by later autograd passes
+        return _dct_matrix(n, dtype, device)
+
+
+def _dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
     c = torch.cos(math.pi * k * (2 * i + 1) / (2 * n)) * math.sqrt(2.0 / n)
@@ -61,6 +66,11 @@ def laplacian_symbol(
     """
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary must be one of {BOUNDARIES}, got {boundary!r}")
+    with torch.inference_mode(False):  # cached: must stay usable by later autograd passes
+        return _laplacian_symbol(shape, spacing, order, boundary, dtype, device)
+
+
+def _laplacian_symbol(shape, spacing, order, boundary, dtype, device) -> Tensor:
     ndim = len(shape)
     total = torch.zeros((), dtype=torch.float64)
     for d, (n, h) in enumerate(zip(shape, spacing)):
