@@ -1,0 +1,39 @@
+"""CI slice of ``benchmarks/folding.py`` (issue 8): one ACDC pair, the fast preset, l2 order 2,
+λ × 0.1 and × 10; no voxel may fold. Skipped where the ACDC data folder is absent."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "acdc"
+
+
+@pytest.mark.skipif(
+    not (DATA / "pairs.csv").is_file(),
+    reason=f"ACDC data folder {DATA} (with pairs.csv) is absent",
+)
+def test_folding_benchmark_slice_has_no_folds(tmp_path):
+    out = tmp_path / "folding.json"
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "folding.py"), "--data", str(DATA),
+        "--max-pairs", "1", "--presets", "fast", "--data-terms", "l2", "--orders", "2",
+        "--lam-factors", "0.1,10", "--json", str(out), "--threads", "1",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(out.read_text())
+    assert len(doc["records"]) == 2
+    assert [r["lam_factor"] for r in doc["records"]] == [0.1, 10.0]
+    for r in doc["records"]:
+        assert r["folds"] == 0 and r["min_det"] > 0 and r["fold_percent"] == 0.0, r
+        assert r["voxels"] > 0 and 0.5 < r["dice"] <= 1.0  # a real registration was scored
+    assert "| fast | l2 | 2 | 0.1 |" in proc.stdout
+    assert "Total: 0 folded voxels in 2 registrations." in proc.stdout
