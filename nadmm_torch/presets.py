@@ -53,17 +53,9 @@ def preset_config(
     ``lam``/``theta`` default to the tuned values for (preset, data_term, order); orders without
     tuned values use those of the nearest tuned order.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {preset!r}")
-    unknown = sorted(set(overrides) - set(CONFIG_FIELDS))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown}; valid options: {', '.join(CONFIG_FIELDS)}"
-        )
-    if data_term not in ("l2", "l1"):
-        raise ValueError(f"data_term: expected 'l2' or 'l1', got {data_term!r}")
-    if not isinstance(order, int) or order < 1:
-        raise ValueError(f"order: expected an integer >= 1, got {order!r}")
+    from .checks import check_options  # the one place for option validation
+
+    overrides = check_options(preset, data_term, order, overrides)
     tuned_orders = sorted(o for p, t, o in TUNED if p == preset and t == data_term)
     nearest = min(tuned_orders, key=lambda o: abs(o - order))
     lam, theta = TUNED[(preset, data_term, nearest)]
