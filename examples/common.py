@@ -1,0 +1,179 @@
+"""Helpers shared by the example scripts: arguments, the ACDC split, Lightning training on
+tuning pairs, evaluation on the report split with the benchmark protocol, tables and JSON.
+
+Every example trains on (a seeded subset of) the **tuning** split only and evaluates on the
+**report** split with :func:`nadmm_torch.data.acdc.evaluate_pair`, so its numbers are
+comparable with ``benchmarks/acdc.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from nadmm_torch.data.acdc import ACDCPair, evaluate_pair, load_pair, read_pairs, split, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc"
+RESULTS = REPO / "examples" / "results"
+
+Predictor = Callable[[ACDCPair], Tensor]
+
+
+def add_common_args(
+    ap: argparse.ArgumentParser, *, train_pairs: int, epochs: int, json_name: str
+) -> None:
+    """Flags every example has: data, sizes of the run, seed, output, threads."""
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="ACDC folder with pairs.csv")
+    ap.add_argument("--train-pairs", type=int, default=train_pairs,
+                    help="tuning pairs used for training (seeded subset of the 60)")
+    ap.add_argument("--epochs", type=int, default=epochs, help="passes over the training pairs")
+    ap.add_argument("--report-pairs", type=int, default=20,
+                    help="report pairs evaluated (default: all 20)")
+    ap.add_argument("--lr", type=float, default=None, help="Adam learning rate")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--json", default=str(RESULTS / json_name), help="output JSON")
+
+
+def setup(args: argparse.Namespace) -> None:
+    """Threads and seeds (Python, NumPy, torch) for a reproducible CPU run."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)
+    from nadmm_torch.lightning import seed_everything
+
+    seed_everything(args.seed)
+
+
+def split_ids(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """``(training ids ⊂ tuning split, report ids)``; the report split is never trained on."""
+    tune, report = split(read_pairs(args.data))
+    n = min(args.train_pairs, len(tune))
+    train = sorted(random.Random(f"examples-{args.seed}").sample(tune, n))
+    assert not set(train) & set(report)
+    return train, report[: args.report_pairs]
+
+
+def train_loader(args: argparse.Namespace, ids: Sequence[str], augment: bool = True):
+    """DataLoader of tuning pairs as TorchIO subjects (batch 1: slice counts differ)."""
+    from torch.utils.data import DataLoader
+
+    from nadmm_torch.data.torchio_acdc import (
+        acdc_subjects_dataset,
+        collate_pairs,
+        pair_augmentation,
+    )
+
+    transform = pair_augmentation(intensity=True, spatial=False) if augment else None
+    ds = acdc_subjects_dataset(args.data, list(ids), transform=transform)
+    g = torch.Generator().manual_seed(args.seed)
+    return DataLoader(ds, batch_size=1, shuffle=True, collate_fn=collate_pairs, generator=g)
+
+
+def fit(module, loader, epochs: int) -> dict:
+    """Train a ``RegistrationLightningModule`` on CPU; returns the last epoch's logged
+    metrics and the wall time."""
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        log_every_n_steps=1,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, loader)
+    seconds = time.perf_counter() - t0
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return {"seconds": seconds, "last_epoch": logged, "steps": int(trainer.global_step)}
+
+
+def evaluate(
+    predictors: dict[str, Predictor], data: str, ids: Sequence[str]
+) -> tuple[dict[str, list[dict]], dict[str, dict]]:
+    """Register each report pair with each predictor (no gradients) and score it.
+
+    Returns ``(records per method, summary per method)``; each record holds the
+    :func:`evaluate_pair` fields, ``patient`` and ``seconds`` (registration time only).
+    """
+    records: dict[str, list[dict]] = {name: [] for name in predictors}
+    for pid in ids:
+        pair = load_pair(data, pid)
+        for name, fn in predictors.items():
+            t0 = time.perf_counter()
+            # no_grad, not inference_mode: the solver's caches must stay usable by autograd.
+            with torch.no_grad():
+                d = fn(pair)
+            sec = time.perf_counter() - t0
+            rec = {"patient": pid, "group": pair.group, **evaluate_pair(pair, d), "seconds": sec}
+            records[name].append(rec)
+    summaries = {name: summarize(recs) for name, recs in records.items()}
+    return records, summaries
+
+
+def unregistered(pair: ACDCPair) -> Tensor:
+    """Identity displacement (the protocol's 'before' row)."""
+    return pair.fixed.new_zeros(1, 3, *pair.fixed.shape[2:])
+
+
+def markdown_table(summaries: dict[str, dict]) -> str:
+    """One row per method: Dice mean ± sd, per structure, HD, fold %, seconds per pair."""
+    lines = [
+        "| method | Dice | RV | Myo | LV | HD (mm) | fold % | s / pair |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(v: float, spec: str) -> str:
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    for name, s in summaries.items():
+        lines.append(
+            f"| {name} | {f(s['dice_mean'], '.3f')} ± {f(s['dice_sd'], '.3f')} | "
+            f"{f(s['dice_rv'], '.3f')} | {f(s['dice_myo'], '.3f')} | {f(s['dice_lv'], '.3f')} | "
+            f"{f(s['hd_mean'], '.2f')} | {f(s['fold_percent_mean'], '.4f')} | "
+            f"{f(s['seconds_mean'], '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_json(path: str | Path, payload: dict, args: argparse.Namespace) -> None:
+    """Write results plus the run's settings and hardware (atomic replace)."""
+    meta = {
+        "args": {k: v for k, v in vars(args).items()},
+        "hardware": f"CPU ({platform.machine()}), {torch.get_num_threads()} torch thread(s)",
+        "torch": torch.__version__,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_json_safe({"meta": meta, **payload}), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
