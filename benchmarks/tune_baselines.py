@@ -10,7 +10,8 @@ Grids (ES→ED protocol of :mod:`nadmm_torch.data.acdc`, scored by ``evaluate_pa
 
 * demons: field smoothing σ ∈ {0.5, 1.0, 1.5} voxels × iterations per level
   {(15, 10, 5), (30, 20, 10), (60, 40, 20)} (in-plane pyramid 4/2/1), on every tuning pair;
-  ``--extended`` adds σ 0.25 and (8, 5, 3) iterations around the best corner of that grid;
+  ``--extended`` adds σ 0.25 and (8, 5, 3) iterations around the best corner of that grid
+  (and, for SyN, step 0.5 and doubled iterations past its best corner);
 * SyN (SyNOnly, mean squares): gradient step ∈ {0.1, 0.25} × iterations
   {(50, 35, 25, 10), (100, 70, 50, 20)}, on ``--syn-subset`` tuning pairs (every k-th of the
   sorted tuning IDs, k = len / subset) because SyN costs 10–30 s a pair on 2 cores.
@@ -46,6 +47,11 @@ DEMONS_GRID_EXTENDED = [
     {"sigma": 0.25, "iterations": [8, 5, 3]},
     {"sigma": 0.5, "iterations": [8, 5, 3]},
 ]
+# --extended: SyN's best corner (largest step, most iterations) pushed further.
+SYN_GRID_EXTENDED = [
+    {"grad_step": 0.5, "iterations": [100, 70, 50, 20]},
+    {"grad_step": 0.25, "iterations": [200, 140, 100, 40]},
+]
 SYN_GRID = [
     {"grad_step": g, "iterations": list(it)}
     for g, it in itertools.product((0.1, 0.25), ((50, 35, 25, 10), (100, 70, 50, 20)))
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--resume", action="store_true", help="skip configurations in the record")
     ap.add_argument(
-        "--extended", action="store_true", help="add DEMONS_GRID_EXTENDED to the demons grid"
+        "--extended", action="store_true", help="add the *_GRID_EXTENDED configurations"
     )
     args = ap.parse_args(argv)
 
@@ -130,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for m in methods:
         grid = DEMONS_GRID if m == "demons" else SYN_GRID
-        if m == "demons" and args.extended:
-            grid = grid + DEMONS_GRID_EXTENDED
+        if args.extended:
+            grid = grid + (DEMONS_GRID_EXTENDED if m == "demons" else SYN_GRID_EXTENDED)
         for cfg in grid:
             key = config_key(m, cfg)
             if key in record["configs"]:
