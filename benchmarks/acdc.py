@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--demons-sigma", type=float, default=0.5, help="field smoothing (voxels)")
     ap.add_argument("--demons-shrink", type=_ints, default=(4, 2, 1), help="in-plane, per level")
     ap.add_argument("--syn-iterations", type=_ints, default=(100, 70, 50, 20), help="per level")
-    ap.add_argument("--syn-step", type=float, default=0.25, help="SyN gradient step")
+    ap.add_argument("--syn-step", type=float, default=0.5, help="SyN gradient step")
     ap.add_argument("--syn-flow-sigma", type=float, default=3.0, help="SyN update smoothing")
     ap.add_argument("--syn-total-sigma", type=float, default=0.0, help="SyN total smoothing")
     return ap.parse_args(argv)

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ax.set_aspect("equal")
 
     methods = [m for m in recs if recs[m]]
-    bx.boxplot([[r["dice"] for r in recs[m].values()] for m in methods], vert=True)
+    bx.boxplot([[r["dice"] for r in recs[m].values()] for m in methods])
     bx.set_xticks(range(1, len(methods) + 1), methods, rotation=60, ha="right", fontsize=8)
     bx.set_ylabel("Dice per pair (mean of RV, Myo, LV)")
     bx.set_title("ACDC ES→ED, per-pair Dice")

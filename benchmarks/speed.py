@@ -213,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
-    if args.threads:
+    if args.threads:  # the same thread count for torch and for SimpleITK (demons)
         torch.set_num_threads(args.threads)
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     device = torch.device(args.device)
     batches = [int(b) for b in (args.batch or ("1,4,16" if device.type == "cuda" else "1,4"))
                .split(",")]
