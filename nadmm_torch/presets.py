@@ -34,14 +34,12 @@ TUNED: dict[tuple[str, str, int], tuple[float, float]] = {
     ("fast", "l1", 2): (0.03, 0.001),
     ("fast", "l1", 3): (0.01 / 9, 1e-4 / 3),
     # accurate: λ × {1/3, 1, 3} around the fast value, at the fast θ, extended past edges.
-    # Orders 1 (both terms) and l1 order 3 were not finished in the tuning time available:
-    # they use the fast values (see the record's "best", which lacks them).
-    ("accurate", "l2", 1): (9.0, 0.03),
+    ("accurate", "l2", 1): (3.0, 0.03),
     ("accurate", "l2", 2): (0.1, 0.001),
     ("accurate", "l2", 3): (0.1 / 27, 1e-4 / 3),
-    ("accurate", "l1", 1): (0.9, 0.01),
+    ("accurate", "l1", 1): (0.9, 0.01 / 3),
     ("accurate", "l1", 2): (0.03, 1e-3 / 9),
-    ("accurate", "l1", 3): (0.01 / 9, 1e-4 / 3),
+    ("accurate", "l1", 3): (0.01 / 27, 1e-4),
 }
 
 CONFIG_FIELDS = tuple(f.name for f in fields(SolverConfig))
