@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import sys
@@ -32,13 +31,13 @@ import torch
 
 import nadmm_torch as nt
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import PeakRSS  # noqa: E402  (sibling benchmark module: one RSS reader)
 
 
 def rss_mib() -> float:
-    """Resident set size of this process in MiB (second field of /proc/self/statm)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 2**20
+    """Resident set size of this process in MiB."""
+    return PeakRSS.rss() / 2**20
 
 
 def cuda_mib(device: torch.device) -> dict:

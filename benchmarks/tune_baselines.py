@@ -35,7 +35,14 @@ import torch
 from tqdm import tqdm
 
 from nadmm_torch.baselines import available, demons_register, syn_register
-from nadmm_torch.data.acdc import evaluate_pair, load_pair, read_pairs, split, summarize
+from nadmm_torch.data.acdc import (
+    evaluate_pair,
+    evenly_spaced,
+    load_pair,
+    read_pairs,
+    split,
+    summarize,
+)
 
 DEMONS_GRID = [
     {"sigma": s, "iterations": list(it)}
@@ -60,15 +67,6 @@ SYN_GRID = [
 
 def config_key(method: str, cfg: dict) -> str:
     return method + ":" + json.dumps(cfg, sort_keys=True)
-
-
-def subset(ids: list[str], n: int | None) -> list[str]:
-    """``n`` IDs spread evenly over the sorted list (all if ``n`` is None or >= len)."""
-    ids = sorted(ids)
-    if n is None or n >= len(ids):
-        return ids
-    step = len(ids) / n
-    return [ids[int(i * step)] for i in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_pairs(args.data)
     tune, _report = split(rows)
     pair_ids = {
-        "demons": subset(tune, args.demons_subset),
-        "syn": subset(tune, args.syn_subset),
+        "demons": evenly_spaced(tune, args.demons_subset),
+        "syn": evenly_spaced(tune, args.syn_subset),
     }
     record_path = Path(args.record)
     record_path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,19 +35,18 @@ from pathlib import Path
 import torch
 
 import nadmm_torch as nt
-from nadmm_torch.data.acdc import evaluate_pair, load_pair, read_pairs, split, summarize
+from nadmm_torch.data.acdc import (
+    evaluate_pair,
+    evenly_spaced,
+    load_pair,
+    read_pairs,
+    split,
+    summarize,
+)
 
 LAMBDA_GRID = {"l2": (0.3, 1.0, 3.0), "l1": (0.01, 0.03, 0.1)}
 THETA_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 EXTEND = 3
-
-
-def subset(ids: list[str], n: int | None) -> list[str]:
-    """``n`` IDs spread evenly over the sorted list (all if ``n`` is None or >= len)."""
-    if n is None or n >= len(ids):
-        return list(ids)
-    step = len(ids) / n
-    return [ids[int(i * step)] for i in range(n)]
 
 
 def key(preset: str, data_term: str, order: int) -> str:
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = read_pairs(args.data)
     tune, _ = split(rows)
-    patients = subset(tune, args.subset)
+    patients = evenly_spaced(tune, args.subset)
     pairs = [load_pair(args.data, p) for p in patients]
     record_path = Path(args.record)
     record = {"configs": {}, "best": {}}

@@ -80,6 +80,30 @@ def train_loader(args: argparse.Namespace, ids: Sequence[str], augment: bool = T
     return DataLoader(ds, batch_size=1, shuffle=True, collate_fn=collate_pairs, generator=g)
 
 
+def registration_module(
+    model: nn.Module,
+    args: argparse.Namespace,
+    *,
+    similarity_weight: float = 1.0,
+    smoothness_weight: float = 0.0,
+    cls: type | None = None,
+):
+    """The examples' training objective around ``model``: local NCC with a 3×9×9 window (thick
+    5–10 mm slices: a small window along z) + ``args.dice_weight`` × Dice on warped labels
+    (+ smoothness), Adam at ``args.lr``. ``cls``: a ``RegistrationLightningModule`` subclass."""
+    from nadmm_torch.lightning import RegistrationLightningModule
+
+    return (cls or RegistrationLightningModule)(
+        model,
+        similarity="ncc",
+        ncc_window=(3, 9, 9),
+        similarity_weight=similarity_weight,
+        dice_weight=args.dice_weight,
+        smoothness_weight=smoothness_weight,
+        lr=args.lr,
+    )
+
+
 def fit(module, loader, epochs: int) -> dict:
     """Train a ``RegistrationLightningModule`` on CPU; returns the last epoch's logged
     metrics and the wall time."""

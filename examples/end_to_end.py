@@ -35,6 +35,7 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     evaluate,
     fit,
     markdown_table,
+    registration_module,
     setup,
     split_ids,
     train_loader,
@@ -105,15 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 {"params": layer.parameters(), "lr": args.layer_lr},
             ])
 
-    module = Module(
-        model,
-        similarity="ncc",
-        ncc_window=(3, 9, 9),
-        similarity_weight=1.0,
-        dice_weight=args.dice_weight,
-        smoothness_weight=args.smooth_weight,
-        lr=args.lr,
-    )
+    module = registration_module(model, args, smoothness_weight=args.smooth_weight, cls=Module)
     print(f"training network + NADMM layer ({trainable_count(model)} parameters, network from "
           f"{init}) on {len(train_ids)} tuning pairs x {args.epochs} epochs", flush=True)
     train_info = fit(module, train_loader(args, train_ids), args.epochs)

@@ -33,6 +33,7 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     evaluate,
     fit,
     markdown_table,
+    registration_module,
     setup,
     split_ids,
     train_loader,
@@ -68,19 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     train_ids, report_ids = split_ids(args)
     learnable = "all" if args.learnable == "all" else set(args.learnable.split(","))
 
-    from nadmm_torch.lightning import RegistrationLightningModule
-
     reg = nt.NADMMRegistration(
         "fast", data_term="l2", order=2, learnable=learnable, schedule=args.schedule
     )
-    module = RegistrationLightningModule(
-        reg,
-        similarity="ncc",
-        ncc_window=(3, 9, 9),  # thick slices (5-10 mm): a small window along z
-        similarity_weight=args.sim_weight,
-        dice_weight=args.dice_weight,
-        lr=args.lr,
-    )
+    module = registration_module(reg, args, similarity_weight=args.sim_weight)
     print(f"training {trainable_count(reg)} solver parameters on {len(train_ids)} tuning pairs "
           f"x {args.epochs} epochs", flush=True)
     train_info = fit(module, train_loader(args, train_ids), args.epochs)

@@ -36,6 +36,7 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     evaluate,
     fit,
     markdown_table,
+    registration_module,
     setup,
     split_ids,
     train_loader,
@@ -61,18 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     setup(args)
     train_ids, report_ids = split_ids(args)
 
-    from nadmm_torch.lightning import RegistrationLightningModule
-
     net = VoxelMorph(ndim=3, integration_steps=args.integration_steps)
-    module = RegistrationLightningModule(
-        net,
-        similarity="ncc",
-        ncc_window=(3, 9, 9),
-        similarity_weight=1.0,
-        dice_weight=args.dice_weight,
-        smoothness_weight=args.smooth_weight,
-        lr=args.lr,
-    )
+    module = registration_module(net, args, smoothness_weight=args.smooth_weight)
     print(f"training VoxelMorph ({trainable_count(net)} parameters) on {len(train_ids)} "
           f"tuning pairs x {args.epochs} epochs", flush=True)
     train_info = fit(module, train_loader(args, train_ids), args.epochs)

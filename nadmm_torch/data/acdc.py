@@ -58,6 +58,7 @@ __all__ = [
     "preprocess_pair",
     "load_pair",
     "split",
+    "evenly_spaced",
     "evaluate_pair",
     "summarize",
 ]
@@ -331,6 +332,19 @@ def split(
     report_set = set(report)
     tune = sorted(p for p in groups if p not in report_set)
     return tune, sorted(report)
+
+
+def evenly_spaced(ids: Sequence[str], n: int | None) -> list[str]:
+    """``n`` IDs spread evenly over the sorted ``ids`` (all if ``n`` is None or >= len).
+
+    The tuning scripts use it to take a stratified-looking subset of the tuning split (sorted
+    IDs run through the groups in order).
+    """
+    ids = sorted(ids)
+    if n is None or n >= len(ids):
+        return ids
+    step = len(ids) / n
+    return [ids[int(i * step)] for i in range(n)]
 
 
 def summarize(records: Sequence[Mapping]) -> dict:
