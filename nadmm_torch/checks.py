@@ -253,10 +253,10 @@ def check_options(
     for name in ("levels", "min_level_size"):
         if name in opts:
             out[name] = _check_int(opts[name], name, 1)
-    for name in ("iterations", "warps"):
+    for name, least in (("iterations", 1), ("warps", 0)):
         if name in opts:
             out[name] = _per_level(
-                opts[name], name, lambda v, n=name: _check_int(v, f"{n} (per level)", 1)
+                opts[name], name, lambda v, n=name, lo=least: _check_int(v, f"{n} (per level)", lo)
             )
     for name in ("tol_admm", "tol_warp"):
         if name in opts:

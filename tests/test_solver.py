@@ -198,3 +198,31 @@ def test_upsampling_between_levels_never_leaves_folds_on_acdc():
     s = load_sample()
     d = nt.register(s.fixed, s.moving, spacing=s.spacing, lam=10.0, theta=0.01)
     assert float(nt.fold_percent(d)[0]) == 0.0
+
+
+def test_a_level_without_warps_is_skipped_and_its_coarser_field_upsampled():
+    """``warps=(.., 0)`` on the finest level = solving on the half-resolution pair, then
+    upsampling: the same numbers as doing that by hand."""
+    from nadmm_torch.ops.warp import resize, resize_displacement
+
+    fixed, moving = blobs((32, 32), seed=1), blobs((32, 32), seed=2)
+    cfg = SolverConfig(lam=5.0, theta=0.1, iterations=(4, 3, 3), warps=(2, 2, 0), normalize=False)
+    d, diag = solve(fixed, moving, cfg, spacing=(1.0, 1.0), diagnostics=True)
+    assert d.shape == (1, 2, 32, 32)
+    assert diag.warps == [2, 2, 0]
+
+    half = (16, 16)
+    cfg2 = cfg.updated(levels=2, iterations=(4, 3), warps=(2, 2))
+    d_half, _ = solve(resize(fixed, half, mode="area"), resize(moving, half, mode="area"), cfg2,
+                      spacing=(2.0, 2.0))
+    expected = repair_folds(resize_displacement(d_half, (32, 32)))
+    torch.testing.assert_close(d, expected, atol=1e-6, rtol=1e-6)
+    assert d.abs().max() > 0.1  # it did register
+
+
+def test_all_levels_without_warps_return_the_initial_displacement():
+    fixed, moving = blobs((16, 16), seed=1), blobs((16, 16), seed=2)
+    cfg = SolverConfig(warps=(0, 0, 0))
+    assert torch.equal(solve(fixed, moving, cfg)[0], torch.zeros(1, 2, 16, 16, dtype=fixed.dtype))
+    init = 0.1 * torch.ones(1, 2, 16, 16, dtype=fixed.dtype)
+    assert torch.equal(solve(fixed, moving, cfg, initial_displacement=init)[0], init)

@@ -150,7 +150,7 @@ REGISTER_CASES = [
     ("iterations-negative-on-one-level", F, M, {"iterations": (10, -1, 5)}, ValueError,
      r"^iterations \(per level\): expected an integer >= 1, got -1"),
     ("iterations-fractional", F, M, {"iterations": 2.5}, ValueError, r"^iterations"),
-    ("warps-zero", F, M, {"warps": 0}, ValueError, r"^warps \(per level\): expected an integer"),
+    ("warps-negative", F, M, {"warps": -1}, ValueError, r"^warps \(per level\): expected an int"),
     ("levels-zero", F, M, {"levels": 0}, ValueError, r"^levels: expected an integer >= 1"),
     ("levels-string", F, M, {"levels": "3"}, ValueError, r"^levels: expected an integer"),
     ("tol-warp-negative", F, M, {"tol_warp": -1.0}, ValueError,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .fourier import laplacian_symbol, regulariser_weights, solve_shifted
+from .fourier import apply_spectral, laplacian_symbol, regulariser_weights, shifted_inverse
 
 DATA_TERMS = ("l2", "l1")
 # Guards the p = 1 middle case against s = |g|² = 0 (there g = 0, so the step does not matter).
@@ -27,28 +27,52 @@ L1_EPS = 1e-8
 Schedule = float | Tensor  # a scalar, or a (K,) tensor indexed by iteration
 
 
+def l2_coefficient(s: Tensor, lam: Schedule, theta: Schedule) -> Tensor:
+    """``κ = λ / (θ + λ|g|²)`` of the p = 2 v-step; ``s = |g|²`` ``(B, 1, *S)``."""
+    return lam / (theta + lam * s)
+
+
+def l2_apply(w: Tensor, g: Tensor, c: Tensor, kappa: Tensor) -> Tensor:
+    """p = 2 v-step from its precomputed coefficient: ``w − κ (g·w + c) g``."""
+    r = (g * w).sum(dim=1, keepdim=True) + c
+    return torch.addcmul(w, kappa * r, g, value=-1.0)
+
+
+def l1_coefficient(s: Tensor, lam: Schedule, theta: Schedule) -> tuple[Schedule, Tensor]:
+    """``(τ = λ/θ, 1/(|g|² + ε))`` of the p = 1 v-step."""
+    return lam / theta, 1.0 / (s + L1_EPS)
+
+
+def l1_apply(w: Tensor, g: Tensor, c: Tensor, coefficient: tuple[Schedule, Tensor]) -> Tensor:
+    """p = 1 v-step from its precomputed coefficients.
+
+    The three cases (``r < −τ|g|²``: step τ; ``r > τ|g|²``: step −τ; else ``−r/|g|²``) are one
+    clamp of ``−r/|g|²`` to ``[−τ, τ]``.
+    """
+    tau, inv_s = coefficient
+    r = (g * w).sum(dim=1, keepdim=True) + c
+    step = torch.clamp(-r * inv_s, -tau, tau) if isinstance(tau, Tensor) else (
+        (-r * inv_s).clamp(-tau, tau)
+    )
+    return torch.addcmul(w, step, g)
+
+
 def v_step_l2(w: Tensor, g: Tensor, c: Tensor, s: Tensor, lam: Schedule, theta: Schedule) -> Tensor:
     """``argmin_v (λ/2)|g·v + c|² + (θ/2)|v − w|²`` point-wise (Sherman–Morrison).
 
     Shapes: ``w, g`` ``(B, ndim, *S)``; ``c, s = |g|²`` ``(B, 1, *S)``.
     """
-    r = (g * w).sum(dim=1, keepdim=True) + c
-    return w - (lam * r / (theta + lam * s)) * g
+    return l2_apply(w, g, c, l2_coefficient(s, lam, theta))
 
 
 def v_step_l1(w: Tensor, g: Tensor, c: Tensor, s: Tensor, lam: Schedule, theta: Schedule) -> Tensor:
     """``argmin_v λ|g·v + c| + (θ/2)|v − w|²`` point-wise (three-case thresholding)."""
-    r = (g * w).sum(dim=1, keepdim=True) + c
-    tau = lam / theta
-    tau_s = tau * s
-    step = torch.where(
-        r < -tau_s,
-        tau * torch.ones_like(r),
-        torch.where(r > tau_s, -tau * torch.ones_like(r), -r / (s + L1_EPS)),
-    )
-    return w + step * g
+    return l1_apply(w, g, c, l1_coefficient(s, lam, theta))
 
 
+# data term -> (coefficient, apply): the coefficients are built once per solve unless λ or θ
+# follow a per-iteration schedule.
+V_STEP_PARTS = {"l2": (l2_coefficient, l2_apply), "l1": (l1_coefficient, l1_apply)}
 V_STEPS = {"l2": v_step_l2, "l1": v_step_l1}
 
 
@@ -74,6 +98,10 @@ def _at(x: Schedule, k: int) -> Schedule:
     if isinstance(x, Tensor) and x.dim() == 1:
         return x[k]
     return x
+
+
+def _is_schedule(x: Schedule) -> bool:
+    return isinstance(x, Tensor) and x.dim() == 1
 
 
 def _batch_norm(x: Tensor) -> Tensor:
@@ -132,8 +160,12 @@ def nesterov_admm(
     spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
     symbol = laplacian_symbol(shape, spacing, int(order), boundary, g.dtype, g.device)
     weights = regulariser_weights(spacing, g.dtype, g.device)
-    v_step = V_STEPS[data_term]
+    coefficient, v_apply = V_STEP_PARTS[data_term]
     s = (g * g).sum(dim=1, keepdim=True)
+    # Built once per solve (they depend on λ, θ and g only), unless λ/θ are schedules.
+    lam_scheduled = _is_schedule(lam) or _is_schedule(theta)
+    coef = None if lam_scheduled else coefficient(s, lam, theta)
+    mult = None if _is_schedule(theta) else shifted_inverse(theta, symbol, weights)
 
     u = torch.zeros_like(g)
     b = torch.zeros_like(g)
@@ -147,10 +179,13 @@ def nesterov_admm(
 
     for k in range(iterations):
         lam_k, theta_k = _at(lam, k), _at(theta, k)
+        coef_k = coef if coef is not None else coefficient(s, lam_k, theta_k)
+        mult_k = mult if mult is not None else shifted_inverse(theta_k, symbol, weights)
         w = u_hat - b_hat / theta_k
-        v = v_step(w, g, c, s, lam_k, theta_k)
-        u_new = solve_shifted(theta_k * v + b_hat, theta_k, symbol, weights, boundary)
-        b_new = b_hat + theta_k * (v - u_new)
+        v = v_apply(w, g, c, coef_k)
+        u_new = apply_spectral(theta_k * v + b_hat, mult_k, boundary)
+        e = v - u_new  # primal residual, shared by the dual update and the restart test
+        b_new = b_hat + theta_k * e
         du = u_new - u
 
         if momentum is not None:
@@ -162,20 +197,19 @@ def nesterov_admm(
         else:
             a, t_new = torch.zeros_like(t), t
 
+        # Extrapolation û = u + α Δu, b̂ = b + α Δb with α = 1 + a (a restart sets α = 0,
+        # i.e. û = u, b̂ = b): one fused multiply-add per field instead of add + where.
+        alpha = 1.0 + a
         if restart:
-            combined = theta_k * (_batch_norm(v - u_new) ** 2 + _batch_norm(du) ** 2)
+            combined = theta_k * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)
             keep = combined < restart_eta * c_prev
             n_restart = n_restart + (~keep & active).long()
             c_prev = torch.where(keep, combined, c_prev / restart_eta)
             t_new = torch.where(keep, t_new, torch.ones_like(t_new))
-            a_b = _bview(a, ndim)
-            keep_b = _bview(keep, ndim)
-            u_hat_new = torch.where(keep_b, u_new + a_b * du, u)
-            b_hat_new = torch.where(keep_b, b_new + a_b * (b_new - b), b)
-        else:
-            a_b = _bview(a, ndim)
-            u_hat_new = u_new + a_b * du
-            b_hat_new = b_new + a_b * (b_new - b)
+            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+        alpha_b = _bview(alpha, ndim)
+        u_hat_new = torch.addcmul(u, alpha_b, du)
+        b_hat_new = torch.addcmul(b, alpha_b, b_new - b)
 
         if record or tol is not None:  # two reductions: skipped on the sync-free fast path
             rel = _batch_norm(du) / _batch_norm(u).clamp_min(torch.finfo(g.dtype).tiny)

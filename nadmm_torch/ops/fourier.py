@@ -122,6 +122,20 @@ def regulariser_weights(spacing: Sequence[float], dtype: torch.dtype, device) ->
     return torch.tensor([float(h) ** 2 for h in spacing], dtype=dtype, device=device)
 
 
+def shifted_inverse(theta: Tensor | float, symbol: Tensor, weights: Tensor) -> Tensor:
+    """Spectral multiplier ``1 / (θ + h_i² Λ_n)`` of the u-step, shaped ``(1, ndim, *S_hat)``.
+
+    Constant over the iterations of one ADMM solve with a fixed θ, so the loop builds it once.
+    """
+    ndim = symbol.dim()
+    return 1.0 / (theta + weights.view(1, -1, *([1] * ndim)) * symbol.unsqueeze(0).unsqueeze(0))
+
+
+def apply_spectral(rhs: Tensor, multiplier: Tensor, boundary: str) -> Tensor:
+    """``T⁻¹ (multiplier · T rhs)`` for the transform ``T`` of ``boundary``; rhs ``(B, C, *S)``."""
+    return inverse_transform(forward_transform(rhs, boundary) * multiplier, rhs.shape[2:], boundary)
+
+
 def solve_shifted(
     rhs: Tensor,
     theta: Tensor | float,
@@ -141,7 +155,4 @@ def solve_shifted(
     Returns:
         ``(B, ndim, *S)``.
     """
-    ndim = rhs.dim() - 2
-    spec = forward_transform(rhs, boundary)
-    denom = theta + weights.view(1, -1, *([1] * ndim)) * symbol.unsqueeze(0).unsqueeze(0)
-    return inverse_transform(spec / denom, rhs.shape[2:], boundary)
+    return apply_spectral(rhs, shifted_inverse(theta, symbol, weights), boundary)

@@ -66,13 +66,14 @@ class SolverConfig:
             raise ValueError(f"boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
         if self.levels < 1:
             raise ValueError(f"levels must be >= 1, got {self.levels}")
-        for name in ("iterations", "warps"):
+        for name, least in (("iterations", 1), ("warps", 0)):
             value = getattr(self, name)
             if isinstance(value, int):
                 object.__setattr__(self, name, (value,) * self.levels)
-            elif len(value) != self.levels or any(int(v) < 1 for v in value):
+            elif len(value) != self.levels or any(int(v) < least for v in value):
                 raise ValueError(
-                    f"{name} must be {self.levels} positive integers (one per level), got {value!r}"
+                    f"{name} must be {self.levels} integers >= {least} (one per level), "
+                    f"got {value!r}"
                 )
         if isinstance(self.frozen_axes, str):
             if self.frozen_axes != "thick":
@@ -288,6 +289,15 @@ def solve(
     )
     d: Tensor | None = None
     for level, fac in enumerate(factors):
+        if config.warps[level] == 0:
+            # A level without warps is skipped: the field passes on at the coarser resolution
+            # (e.g. the finest level of ``fast``: solved at half resolution, then upsampled).
+            if diag is not None:
+                diag.shapes.append(tuple(d.shape[2:]) if d is not None else shape)
+                for lst in (diag.admm_iterations, diag.residuals, diag.step_scales):
+                    lst.append([])
+                diag.warps.append(0)
+            continue
         size = tuple(max(1, round(n / f)) for n, f in zip(shape, fac))
         level_spacing = tuple(h * n / m for h, n, m in zip(spacing, shape, size))
         f_l = resize(fixed, size, mode="area")
@@ -355,7 +365,9 @@ def solve(
                 break
         if diag is not None:
             diag.warps.append(n_warps)
-    assert d is not None
+    if d is None:  # every level skipped
+        d = (fixed.new_zeros((fixed.shape[0], ndim, *shape)) if initial_displacement is None
+             else initial_displacement.to(fixed.dtype))
     if tuple(d.shape[2:]) != shape:
         d = resize_displacement(d, shape)
         if config.safeguard:
