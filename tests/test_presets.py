@@ -21,7 +21,7 @@ def test_presets_match_the_tuning_record():
         assert math.isclose(theta, sel["theta"], rel_tol=1e-9), key
 
 
-@pytest.mark.parametrize("preset", ["fast", "accurate"])
+@pytest.mark.parametrize("preset", ["fast", "accurate", "paper"])
 def test_preset_config_uses_tuned_values_and_overrides(preset):
     cfg = preset_config(preset, "l1", 3)
     assert (cfg.lam, cfg.theta) == TUNED[(preset, "l1", 3)]

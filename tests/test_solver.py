@@ -41,24 +41,28 @@ def test_identical_images_give_zero_displacement():
     assert d.abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("data_term", ["l2", "l1"])
-def test_recovers_a_known_deformation_of_an_acdc_slice(data_term):
+@pytest.mark.parametrize(
+    "data_term,preset,max_epe", [("l2", "paper", 0.25), ("l1", "paper", 0.25), ("l2", "fast", 0.35)]
+)
+def test_recovers_a_known_deformation_of_an_acdc_slice(data_term, preset, max_epe):
+    """EPE bound relative to the mean motion; ``fast`` solves at half resolution (measured
+    EPE/|d|: paper 0.12 (l2), 0.04 (l1); fast 0.30 (l2))."""
     s = load_sample()
     z = s.moving.shape[2] // 2  # a mid-ventricular slice, registered in 2D
     moving, labels = s.moving[:, :, z], s.moving_labels[:, :, z]
     spacing = s.spacing[1:]
     d_true = smooth_field(tuple(moving.shape[2:]), 3.0, seed=1)
     fixed = nt.warp(moving, d_true)
-    d = nt.register(fixed, moving, spacing=spacing, data_term=data_term)
+    d = nt.register(fixed, moving, spacing=spacing, data_term=data_term, preset=preset)
     target = warp_labels(labels, d_true)
     heart = (labels[0, 0] > 0) | (target[0, 0] > 0)
     epe = (d - d_true).norm(dim=1)[0][heart].mean()
     magnitude = d_true.norm(dim=1)[0][heart].mean()
     print(f"{data_term}: EPE {epe:.3f} voxels against mean |d| {magnitude:.3f}")
-    assert epe < 0.25 * magnitude
+    assert epe < max_epe * magnitude
     before = nt.dice(labels, target).mean()
     after = nt.dice(warp_labels(labels, d), target).mean()
-    assert after > 0.98 > before  # 3-voxel field: Dice ~0.91 unregistered
+    assert after > (0.98 if preset == "paper" else 0.95) > before  # unregistered ~0.91
     assert float(nt.fold_percent(d)[0]) == 0.0
 
 
@@ -110,22 +114,30 @@ def test_batch_elements_are_independent():
             torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-6, atol=1e-8)
 
 
-def test_float32_and_float64_agree_and_half_is_upcast():
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_float32_and_float64_agree_and_half_is_upcast(preset):
     f64, m64 = blobs((20, 20), seed=5), blobs((20, 20), seed=6)
-    d64 = nt.register(f64, m64)
-    d32 = nt.register(f64.float(), m64.float())
+    d64 = nt.register(f64, m64, preset=preset)
+    d32 = nt.register(f64.float(), m64.float(), preset=preset)
     assert d64.dtype == torch.float64 and d32.dtype == torch.float32
-    torch.testing.assert_close(d32.double(), d64, rtol=0, atol=1e-3)
+    # float32 rounding relative to the field's size (|d| reaches ~12 voxels on this 20×20 pair)
+    scale = max(1.0, float(d64.abs().max()))
+    torch.testing.assert_close(d32.double(), d64, rtol=0, atol=3e-4 * scale)
     dbf = nt.register(f64.bfloat16(), m64.bfloat16())
     assert dbf.dtype == torch.float32 and torch.isfinite(dbf).all()
 
 
 def test_diagnostics_report_levels_and_iterations():
     f, m = blobs((32, 32), seed=7), blobs((32, 32), seed=8)
-    d, diag = nt.register(f, m, return_diagnostics=True)
+    d, diag = nt.register(f, m, preset="paper", return_diagnostics=True)
     assert diag.shapes == [(8, 8), (16, 16), (32, 32)]
     assert diag.warps == [10, 10, 5]
     assert [int(w[0][0]) for w in diag.admm_iterations] == [10, 5, 5]
+    d, diag = nt.register(f, m, return_diagnostics=True)  # fast: no warps on the finest level
+    assert d.shape == (1, 2, 32, 32)
+    assert diag.shapes == [(8, 8), (16, 16), (16, 16)]
+    assert diag.warps == [10, 5, 0]
+    assert [len(w) for w in diag.admm_iterations] == [10, 5, 0]
     d, diag = nt.register(f, m, preset="accurate", return_diagnostics=True)
     assert all(int(it[0]) <= 60 for level in diag.admm_iterations for it in level)
     assert len(diag.residuals[-1][0]) == int(diag.admm_iterations[-1][0][0])

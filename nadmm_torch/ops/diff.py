@@ -17,8 +17,17 @@ def central_difference(x: Tensor, dim: int) -> Tensor:
     n = x.shape[dim]
     if n == 1:
         return torch.zeros_like(x)
-    padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim=dim)
-    return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
+    if torch.is_grad_enabled() and x.requires_grad:
+        padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim=dim)
+        return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
+    # Without autograd: written into one output (no padded copy of x): interior
+    # (x[i+1] − x[i−1]) / 2, ends (x[1] − x[0]) / 2 and (x[n−1] − x[n−2]) / 2.
+    out = torch.empty_like(x)
+    if n > 2:
+        torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
+    torch.sub(x.narrow(dim, 1, 1), x.narrow(dim, 0, 1), out=out.narrow(dim, 0, 1))
+    torch.sub(x.narrow(dim, n - 1, 1), x.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
+    return out.mul_(0.5)
 
 
 def spatial_gradient(x: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
@@ -78,4 +87,19 @@ def jacobian_determinant(displacement: Tensor) -> Tensor:
     Returns:
         ``(B, *S)``.
     """
-    return determinant(jacobian_matrix(displacement))
+    ndim = displacement.shape[1]
+    if ndim not in (2, 3):
+        return determinant(jacobian_matrix(displacement))
+    # Same formula as determinant(jacobian_matrix(d)), without building the (B, n, n, *S)
+    # matrix: the safeguard evaluates this after every warp.
+    grads = [central_difference(displacement, 2 + j) for j in range(ndim)]  # ∂_j d, (B, n, *S)
+
+    def jac(i: int, j: int) -> Tensor:
+        return grads[j][:, i] + 1.0 if i == j else grads[j][:, i]
+
+    if ndim == 2:
+        return jac(0, 0) * jac(1, 1) - jac(0, 1) * jac(1, 0)
+    a, b, c = jac(0, 0), jac(0, 1), jac(0, 2)
+    d, e, f = jac(1, 0), jac(1, 1), jac(1, 2)
+    g, h, i = jac(2, 0), jac(2, 1), jac(2, 2)
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
