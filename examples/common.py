@@ -43,6 +43,9 @@ def add_common_args(
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    # The README's recorded results were run with the paper's schedule (then called "fast").
+    ap.add_argument("--preset", default="paper",
+                    help="solver preset of the NADMM layer (default: %(default)s)")
     ap.add_argument("--json", default=str(RESULTS / json_name), help="output JSON")
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """End-to-end: VoxelMorph + an unrolled NADMM layer trained jointly.
 
-Model: ``NetworkWithNADMM(VoxelMorph(3), NADMMRegistration("fast", l2, order 2,
+Model: ``NetworkWithNADMM(VoxelMorph(3), NADMMRegistration(--preset (default paper), l2, order 2,
 learnable={"lambda", "theta"}))``. The layer starts from the network's displacement and its
 output is the final displacement; the loss is computed on it only, so the network learns
 through the layer (its gradient is the layer's vector–Jacobian product with respect to
@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         overlap = set(ck.get("train_ids", [])) & set(report_ids)
         assert not overlap, f"initial weights were trained on report pairs {overlap}"
         init = args.init
-    layer = nt.NADMMRegistration("fast", data_term="l2", order=2, learnable={"lambda", "theta"})
+    layer = nt.NADMMRegistration(
+        args.preset, data_term="l2", order=2, learnable={"lambda", "theta"}
+    )
     model = NetworkWithNADMM(net, layer)
 
     class Module(RegistrationLightningModule):

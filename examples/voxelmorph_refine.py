@@ -11,8 +11,8 @@ soft Dice on warped labels (VoxelMorph's auxiliary segmentation loss; ``--dice-w
 the purely unsupervised network).
 
 Evaluation on the 20 **report** pairs (:func:`nadmm_torch.data.acdc.evaluate_pair`):
-VoxelMorph alone, NADMM alone (fast preset, l2, order 2), and VoxelMorph + NADMM (the fast
-preset started from the network's displacement: ``initial_displacement=``). The network's
+VoxelMorph alone, NADMM alone (``--preset``, default paper, l2, order 2), and VoxelMorph +
+NADMM (the preset started from the network's displacement: ``initial_displacement=``). The network's
 weights are saved (``--save``) for ``examples/end_to_end.py``.
 
 Usage::
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "integration_steps": args.integration_steps,
                 "train_ids": train_ids}, args.save)
-    nadmm = nt.NADMMRegistration("fast", data_term="l2", order=2)
+    nadmm = nt.NADMMRegistration(args.preset, data_term="l2", order=2)
 
     def vm(p):
         return net(p.fixed, p.moving, p.spacing)

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fixed-labels", metavar="LAB", help="label map of the fixed image (Dice is reported)"
     )
-    p.add_argument("--preset", default="fast", help="solver preset: fast (default) or accurate")
+    p.add_argument("--preset", default="fast",
+                   help="solver preset: fast (default), paper (the paper's schedule) or accurate")
     p.add_argument("--data-term", default="l2", choices=("l2", "l1"), help="default: l2")
     p.add_argument("--order", type=int, default=2, help="regulariser order (default 2)")
     p.add_argument("--lambda", dest="lam", type=float, help="regularisation weight λ")
