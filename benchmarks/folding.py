@@ -5,7 +5,8 @@ Usage::
 
     python benchmarks/folding.py [--data DIR] [--json OUT.json] [--max-pairs N]
         [--presets fast,accurate] [--data-terms l2,l1] [--orders 1,2,3]
-        [--lam-factors 1,0.1,10] [--device cpu|cuda] [--threads N]
+        [--lam-factors 1,0.1,10] [--device cpu|cuda] [--threads N] [--shard I/N]
+    python benchmarks/folding.py --merge PART1.json PART2.json ... --json OUT.json
 
 For every ES→ED pair of ``--data`` (the protocol of :mod:`nadmm_torch.data.acdc`) and every
 (preset, data term, order, λ factor), registers with λ = factor × the preset's tuned λ and
@@ -14,6 +15,9 @@ differences, the same code as the ACDC evaluation's fold percentage). Prints a m
 (one row per setting: pairs, folded voxels, pairs with a fold, smallest det J, mean Dice,
 mean time) and writes every record and the table to ``--json`` (rewritten after each pair, so
 an interrupted run keeps what it finished).
+
+``--shard I/N`` runs every N-th pair starting at the I-th (0-based), so N processes can split
+the pairs; ``--merge`` joins their JSON files (records concatenated, table recomputed).
 
 Exit status: 0 when no voxel folded anywhere, 1 otherwise (so CI can run a slice of it).
 """
@@ -60,7 +64,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="multiples of the preset's tuned λ")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--shard", default=None, help="I/N: every N-th pair from the I-th (0-based)")
+    ap.add_argument("--merge", nargs="+", default=None, help="JSON files of shards to join")
     args = ap.parse_args(argv)
+    if args.shard is not None:
+        try:
+            i, n = (int(v) for v in args.shard.split("/"))
+        except ValueError:
+            ap.error(f"--shard: expected I/N, got {args.shard!r}")
+        if not 0 <= i < n:
+            ap.error(f"--shard: expected 0 <= I < N, got {args.shard!r}")
+        args.shard = (i, n)
     for p in args.presets:
         if p not in nt.PRESETS:
             ap.error(f"--presets: unknown preset {p!r}; expected some of {sorted(nt.PRESETS)}")
@@ -151,13 +165,34 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], out: str | None) -> int:
+    """Join shard JSON files: records concatenated (in file order), table recomputed."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    records = [r for d in docs for r in d["records"]]
+    rows = summarize(records)
+    table = markdown_table(rows)
+    print(table)
+    if out:
+        meta = {k: v for k, v in docs[0].items() if k not in ("records", "summary", "table")}
+        meta["patients"] = [p for d in docs for p in d.get("patients", [])]
+        meta["merged_from"] = [str(p) for p in paths]
+        doc = dict(meta, records=records, summary=rows,
+                   total_folds=sum(r["folds"] for r in records), table=table)
+        Path(out).write_text(json.dumps(doc, indent=1))
+    return 1 if any(r["folds"] for r in records) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows_csv = read_pairs(args.data)
     patients = [r["patient"] for r in rows_csv][: args.max_pairs]
+    if args.shard is not None:
+        patients = patients[args.shard[0]::args.shard[1]]
     grid = settings_grid(args)
     records: list[dict] = []
     meta = dict(

@@ -76,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     def vm(p):
         return net(p.fixed, p.moving, p.spacing)
 
+    alone = f"NADMM alone ({args.preset})"
     predictors = {
         "unregistered": unregistered,
         "VoxelMorph alone": vm,
-        "NADMM alone (fast)": lambda p: nadmm(p.fixed, p.moving, p.spacing),
+        alone: lambda p: nadmm(p.fixed, p.moving, p.spacing),
         "VoxelMorph + NADMM refinement": lambda p: nadmm(
             p.fixed, p.moving, p.spacing, initial_displacement=vm(p)
         ),
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     refined = s["VoxelMorph + NADMM refinement"]["dice_mean"]
     verdict = (
         f"refinement − VoxelMorph: {refined - s['VoxelMorph alone']['dice_mean']:+.4f} Dice; "
-        f"refinement − NADMM alone: {refined - s['NADMM alone (fast)']['dice_mean']:+.4f} Dice; "
+        f"refinement − NADMM alone: {refined - s[alone]['dice_mean']:+.4f} Dice; "
         f"fold %: VoxelMorph {s['VoxelMorph alone']['fold_percent_mean']:.4f}, refined "
         f"{s['VoxelMorph + NADMM refinement']['fold_percent_mean']:.4f}"
     )

@@ -185,7 +185,7 @@ def nesterov_admm(
     if plain_inference:
         u, n_restart = _admm_in_place(
             g, c, coef, mult, float(theta), data_term, iterations, accelerated, restart,
-            restart_eta,
+            restart_eta, host=g.device.type == "cpu",
         )  # fmt: skip
         n_iter = torch.full((batch,), iterations, dtype=torch.long, device=g.device)
         return u, ADMMInfo(iterations=n_iter, restarts=n_restart)
@@ -297,9 +297,13 @@ def _admm_in_place(
     accelerated: bool,
     restart: bool,
     restart_eta: float,
+    host: bool,
 ) -> tuple[Tensor, Tensor]:
     """The loop of :func:`nesterov_admm` for fixed λ/θ, Neumann boundaries and no gradients,
     written into preallocated buffers (same operations, same order: the same numbers).
+
+    ``host``: keep the per-element momentum / restart scalars in Python (CPU, where reading
+    them costs nothing); otherwise as ``(B,)`` tensors on the device (no synchronisation).
 
     Temporaries of every iteration would otherwise be fresh multi-MB allocations, and on the
     CPU their page faults cost as much as the arithmetic (measured: −30 % time at 10×128×128).
@@ -314,7 +318,6 @@ def _admm_in_place(
     t = torch.ones(batch, dtype=g.dtype, device=g.device)
     c_prev = torch.full((batch,), math.inf, dtype=g.dtype, device=g.device)
     n_restart = torch.zeros(batch, dtype=torch.long, device=g.device)
-    host = g.device.type == "cpu"
     t_host, c_host, restarts_host = [1.0] * batch, [math.inf] * batch, [0] * batch
     for _ in range(iterations):
         # w = û − b̂/θ  (into `work`), then the v-step into `v`
