@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     module = registration_module(model, args, smoothness_weight=args.smooth_weight, cls=Module)
     print(f"training network + NADMM layer ({trainable_count(model)} parameters, network from "
           f"{init}) on {len(train_ids)} tuning pairs x {args.epochs} epochs", flush=True)
-    train_info = fit(module, train_loader(args, train_ids), args.epochs)
+    train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
     model.eval()
 
     predictors = {

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     module = registration_module(reg, args, similarity_weight=args.sim_weight)
     print(f"training {trainable_count(reg)} solver parameters on {len(train_ids)} tuning pairs "
           f"x {args.epochs} epochs", flush=True)
-    train_info = fit(module, train_loader(args, train_ids), args.epochs)
+    train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
     reg.eval()
     hand = nt.NADMMRegistration(args.preset, data_term="l2", order=2)
 

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     module = registration_module(net, args, smoothness_weight=args.smooth_weight)
     print(f"training VoxelMorph ({trainable_count(net)} parameters) on {len(train_ids)} "
           f"tuning pairs x {args.epochs} epochs", flush=True)
-    train_info = fit(module, train_loader(args, train_ids), args.epochs)
+    train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
     net.eval()
     Path(args.save).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": net.state_dict(), "integration_steps": args.integration_steps,

@@ -37,3 +37,35 @@ def test_folding_benchmark_slice_has_no_folds(tmp_path):
         assert r["voxels"] > 0 and 0.5 < r["dice"] <= 1.0  # a real registration was scored
     assert "| fast | l2 | 2 | 0.1 |" in proc.stdout
     assert "Total: 0 folded voxels in 2 registrations." in proc.stdout
+
+
+@pytest.mark.skipif(
+    not (DATA / "pairs.csv").is_file(),
+    reason=f"ACDC data folder {DATA} (with pairs.csv) is absent",
+)
+def test_folding_shards_cover_the_pairs_once_and_merge(tmp_path):
+    """``--shard 0/2`` and ``1/2`` of the first 3 pairs: 2 + 1 pairs, disjoint; ``--merge``
+    joins them into one table of 3 registrations."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [
+        sys.executable, str(REPO / "benchmarks" / "folding.py"), "--data", str(DATA),
+        "--max-pairs", "3", "--presets", "fast", "--data-terms", "l2", "--orders", "2",
+        "--lam-factors", "1", "--threads", "1",
+    ]
+    parts = []
+    for i in range(2):
+        out = tmp_path / f"part{i}.json"
+        proc = subprocess.run(base + ["--shard", f"{i}/2", "--json", str(out)],
+                              capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        parts.append(json.loads(out.read_text()))
+    p0, p1 = ([r["patient"] for r in p["records"]] for p in parts)
+    assert len(p0) == 2 and len(p1) == 1 and not set(p0) & set(p1)
+    merged = tmp_path / "merged.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "folding.py"), "--merge",
+           str(tmp_path / "part0.json"), str(tmp_path / "part1.json"), "--json", str(merged)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(merged.read_text())
+    assert len(doc["records"]) == 3 and doc["summary"][0]["pairs"] == 3
+    assert "Total: 0 folded voxels in 3 registrations." in proc.stdout
