@@ -55,7 +55,7 @@ class NADMMRegistration(nn.Module):
     """Diffeomorphic registration by Nesterov-accelerated ADMM, unrolled and differentiable.
 
     Args:
-        preset: ``"fast"`` or ``"accurate"`` (see :mod:`nadmm_torch.presets`).
+        preset: ``"fast"``, ``"paper"`` or ``"accurate"`` (see :mod:`nadmm_torch.presets`).
         data_term: ``"l2"`` or ``"l1"``.
         order: regulariser order ``n ≥ 1``.
         learnable: ``None``/``False`` (classical solver), ``True``/``"all"``, or a subset of
