@@ -57,20 +57,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--integration-steps", type=int, default=0)
     ap.add_argument("--save", default=str(RESULTS / "voxelmorph.pt"),
                     help="where to save the trained network's state dict")
+    ap.add_argument("--load", default=None,
+                    help="evaluate these saved weights (from --save) instead of training")
     args = ap.parse_args(argv)
     args.lr = 1e-3 if args.lr is None else args.lr
     setup(args)
     train_ids, report_ids = split_ids(args)
 
-    net = VoxelMorph(ndim=3, integration_steps=args.integration_steps)
-    module = registration_module(net, args, smoothness_weight=args.smooth_weight)
-    print(f"training VoxelMorph ({trainable_count(net)} parameters) on {len(train_ids)} "
-          f"tuning pairs x {args.epochs} epochs", flush=True)
-    train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
+    if args.load:  # evaluate a saved network (e.g. with another --preset); no training
+        ck = torch.load(args.load, map_location="cpu")
+        net = VoxelMorph(ndim=3, integration_steps=ck.get("integration_steps", 0))
+        net.load_state_dict(ck["state_dict"])
+        overlap = set(ck.get("train_ids", [])) & set(report_ids)
+        assert not overlap, f"the weights were trained on report pairs {sorted(overlap)}"
+        train_info = {"loaded": args.load, "train_ids": ck.get("train_ids", [])}
+    else:
+        net = VoxelMorph(ndim=3, integration_steps=args.integration_steps)
+        module = registration_module(net, args, smoothness_weight=args.smooth_weight)
+        print(f"training VoxelMorph ({trainable_count(net)} parameters) on {len(train_ids)} "
+              f"tuning pairs x {args.epochs} epochs", flush=True)
+        train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
+        Path(args.save).parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": net.state_dict(), "integration_steps": args.integration_steps,
+                    "train_ids": train_ids}, args.save)
     net.eval()
-    Path(args.save).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "integration_steps": args.integration_steps,
-                "train_ids": train_ids}, args.save)
     nadmm = nt.NADMMRegistration(args.preset, data_term="l2", order=2)
 
     def vm(p):
