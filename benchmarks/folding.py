@@ -165,20 +165,29 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_doc(path: str | Path, meta: dict, records: list[dict]) -> None:
+    """The JSON document: ``meta``, every record, the summary rows and the table (atomic)."""
+    rows = summarize(records)
+    doc = dict(meta, records=records, summary=rows,
+               total_folds=sum(r["folds"] for r in records), table=markdown_table(rows))
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")  # atomic: never a half-written JSON
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(out)
+
+
 def merge(paths: list[str], out: str | None) -> int:
     """Join shard JSON files: records concatenated (in file order), table recomputed."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     records = [r for d in docs for r in d["records"]]
-    rows = summarize(records)
-    table = markdown_table(rows)
-    print(table)
+    print(markdown_table(summarize(records)))
     if out:
-        meta = {k: v for k, v in docs[0].items() if k not in ("records", "summary", "table")}
+        meta = {k: v for k, v in docs[0].items()
+                if k not in ("records", "summary", "total_folds", "table")}
         meta["patients"] = [p for d in docs for p in d.get("patients", [])]
         meta["merged_from"] = [str(p) for p in paths]
-        doc = dict(meta, records=records, summary=rows,
-                   total_folds=sum(r["folds"] for r in records), table=table)
-        Path(out).write_text(json.dumps(doc, indent=1))
+        write_doc(out, meta, records)
     return 1 if any(r["folds"] for r in records) else 0
 
 
@@ -201,18 +210,6 @@ def main(argv: list[str] | None = None) -> int:
         settings=[dict(s) for s in grid], patients=patients,
     )
 
-    def write() -> None:
-        if not args.json:
-            return
-        rows = summarize(records)
-        doc = dict(meta, records=records, summary=rows,
-                   total_folds=sum(r["folds"] for r in records), table=markdown_table(rows))
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")  # atomic: never a half-written JSON
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(out)
-
     for i, pid in enumerate(patients):
         pair = load_pair(args.data, pid)
         for setting in grid:
@@ -223,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                       file=sys.stderr)
         print(f"[{i + 1}/{len(patients)}] {pid}: {sum(r['folds'] for r in records)} folds so far",
               file=sys.stderr)
-        write()
+        if args.json:
+            write_doc(args.json, meta, records)
     print(markdown_table(summarize(records)))
     return 1 if any(r["folds"] for r in records) else 0
 

@@ -205,5 +205,19 @@ def write_json(path: str | Path, payload: dict, args: argparse.Namespace) -> Non
     os.replace(tmp, path)
 
 
+def load_voxelmorph(path: str | Path, report_ids: Sequence[str]) -> tuple[nn.Module, list[str]]:
+    """The 3D VoxelMorph saved by ``voxelmorph_refine.py --save``, and the IDs it was trained
+    on; weights trained on any report pair are refused."""
+    from nadmm_torch.networks import VoxelMorph
+
+    ck = torch.load(path, map_location="cpu")
+    net = VoxelMorph(ndim=3, integration_steps=ck.get("integration_steps", 0))
+    net.load_state_dict(ck["state_dict"])
+    train_ids = list(ck.get("train_ids", []))
+    overlap = sorted(set(train_ids) & set(report_ids))
+    assert not overlap, f"{path}: the weights were trained on report pairs {overlap}"
+    return net, train_ids
+
+
 def trainable_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

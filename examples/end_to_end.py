@@ -34,6 +34,7 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     add_common_args,
     evaluate,
     fit,
+    load_voxelmorph,
     markdown_table,
     registration_module,
     setup,
@@ -88,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     net = VoxelMorph(ndim=3)
     init = "scratch"
     if args.init and Path(args.init).is_file():
-        ck = torch.load(args.init, map_location="cpu")
-        net = VoxelMorph(ndim=3, integration_steps=ck.get("integration_steps", 0))
-        net.load_state_dict(ck["state_dict"])
-        overlap = set(ck.get("train_ids", [])) & set(report_ids)
-        assert not overlap, f"initial weights were trained on report pairs {overlap}"
+        net, _ = load_voxelmorph(args.init, report_ids)
         init = args.init
     layer = nt.NADMMRegistration(
         args.preset, data_term="l2", order=2, learnable={"lambda", "theta"}

@@ -35,6 +35,7 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     add_common_args,
     evaluate,
     fit,
+    load_voxelmorph,
     markdown_table,
     registration_module,
     setup,
@@ -65,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     train_ids, report_ids = split_ids(args)
 
     if args.load:  # evaluate a saved network (e.g. with another --preset); no training
-        ck = torch.load(args.load, map_location="cpu")
-        net = VoxelMorph(ndim=3, integration_steps=ck.get("integration_steps", 0))
-        net.load_state_dict(ck["state_dict"])
-        overlap = set(ck.get("train_ids", [])) & set(report_ids)
-        assert not overlap, f"the weights were trained on report pairs {sorted(overlap)}"
-        train_info = {"loaded": args.load, "train_ids": ck.get("train_ids", [])}
+        net, loaded_ids = load_voxelmorph(args.load, report_ids)
+        train_info = {"loaded": args.load, "train_ids": loaded_ids}
     else:
         net = VoxelMorph(ndim=3, integration_steps=args.integration_steps)
         module = registration_module(net, args, smoothness_weight=args.smooth_weight)

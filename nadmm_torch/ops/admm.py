@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .fourier import (
     apply_spectral,
-    dct_matrix,
+    dct_into,
     laplacian_symbol,
     regulariser_weights,
     shifted_inverse,
@@ -118,6 +118,35 @@ def _batch_norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
 
 
+def _nesterov(t: Tensor, accelerated: bool) -> tuple[Tensor, Tensor]:
+    """Momentum weight ``a_k = (t_k − 1) / t_{k+1}`` and ``t_{k+1}`` per batch element
+    (plain ADMM: ``a = 0``, ``t`` unchanged)."""
+    if not accelerated:
+        return torch.zeros_like(t), t
+    t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
+    return (t - 1.0) / t_new, t_new
+
+
+def _residual_measure(e: Tensor, du: Tensor, theta: Schedule) -> Tensor:
+    """``θ (‖e‖² + ‖Δu‖²)`` per batch element: the combined residual of the restart test."""
+    return theta * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)
+
+
+def _restart(
+    alpha: Tensor, t_new: Tensor, combined: Tensor, c_prev: Tensor, restart_eta: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Goldstein et al.'s restart: keep the momentum where the combined residual shrank by
+    ``restart_eta``, else restart it (``α = 0``, ``t = 1``).
+
+    Returns ``(alpha, t_new, c_prev, keep)``, all ``(B,)``.
+    """
+    keep = combined < restart_eta * c_prev
+    c_prev = torch.where(keep, combined, c_prev / restart_eta)
+    t_new = torch.where(keep, t_new, torch.ones_like(t_new))
+    alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
+    return alpha, t_new, c_prev, keep
+
+
 def _bview(x: Tensor, ndim: int) -> Tensor:
     """``(B,)`` → ``(B, 1, *[1]*ndim)`` for broadcasting over ``(B, C, *S)``."""
     return x.view(-1, *([1] * (ndim + 1)))
@@ -212,24 +241,17 @@ def nesterov_admm(
         du = u_new - u
 
         if momentum is not None:
-            a = _at(momentum, k) * torch.ones_like(t)
-            t_new = t
-        elif accelerated:
-            t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-            a = (t - 1.0) / t_new
+            a, t_new = _at(momentum, k) * torch.ones_like(t), t
         else:
-            a, t_new = torch.zeros_like(t), t
-
+            a, t_new = _nesterov(t, accelerated)
         # Extrapolation û = u + α Δu, b̂ = b + α Δb with α = 1 + a (a restart sets α = 0,
         # i.e. û = u, b̂ = b): one fused multiply-add per field instead of add + where.
         alpha = 1.0 + a
         if restart:
-            combined = theta_k * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)
-            keep = combined < restart_eta * c_prev
+            alpha, t_new, c_prev, keep = _restart(
+                alpha, t_new, _residual_measure(e, du, theta_k), c_prev, restart_eta
+            )
             n_restart = n_restart + (~keep & active).long()
-            c_prev = torch.where(keep, combined, c_prev / restart_eta)
-            t_new = torch.where(keep, t_new, torch.ones_like(t_new))
-            alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
         alpha_b = _bview(alpha, ndim)
         u_hat_new = torch.addcmul(u, alpha_b, du)
         b_hat_new = torch.addcmul(b, alpha_b, b_new - b)
@@ -260,29 +282,6 @@ def nesterov_admm(
     info.iterations = n_iter
     info.restarts = n_restart
     return u, info
-
-
-def _transform_into(x: Tensor, buffers: tuple[Tensor, Tensor], inverse: bool) -> Tensor:
-    """:func:`forward_transform` / :func:`inverse_transform` (Neumann) into two ping-pong
-    buffers shaped like ``x``; returns the buffer holding the result."""
-    out = x
-    ndim = x.dim() - 2
-    for i, dim in enumerate(range(2, 2 + ndim)):
-        n = x.shape[dim]
-        if n == 1:
-            continue
-        m = dct_matrix(n, x.dtype, x.device)
-        m = m.T if inverse else m
-        dst = buffers[i % 2] if out is not buffers[i % 2] else buffers[(i + 1) % 2]
-        if dim == x.dim() - 1:
-            torch.matmul(out, m.T, out=dst)
-        elif dim == x.dim() - 2:
-            torch.matmul(m, out, out=dst)
-        else:
-            rows = math.prod(x.shape[:dim])
-            torch.matmul(m, out.view(rows, n, -1), out=dst.view(rows, n, -1))
-        out = dst
-    return out
 
 
 @torch.no_grad()
@@ -334,17 +333,16 @@ def _admm_in_place(
             torch.addcmul(work, r, g, out=v)
         # u-step: u_new = T⁻¹ (mult · T (θ v + b̂))
         torch.add(b_hat, v, alpha=theta, out=work)
-        spec = _transform_into(work, spectral, inverse=False)
+        spec = dct_into(work, spectral)
         spec.mul_(mult)
-        out = _transform_into(spec, (work, spectral[0] if spec is spectral[1] else spectral[1]),
-                              inverse=True)
-        u_new.copy_(out)
+        u_new.copy_(dct_into(spec, (work, spectral[0] if spec is spectral[1] else spectral[1]),
+                             inverse=True))
         torch.sub(v, u_new, out=e)
         torch.add(b_hat, e, alpha=theta, out=b_new)
         torch.sub(u_new, u, out=du)
 
         if host:  # CPU: the per-element scalars in Python, not as tiny tensor ops
-            combined = _restart_measure(e, du, theta) if restart else [0.0] * batch
+            combined = _residual_measure(e, du, theta).tolist() if restart else None
             alphas = []
             for i in range(batch):
                 t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t_host[i] ** 2)) if accelerated else 1.0
@@ -358,40 +356,22 @@ def _admm_in_place(
                         t_next, alpha_i = 1.0, 0.0
                 t_host[i] = t_next
                 alphas.append(alpha_i)
-            if batch == 1:
-                torch.add(u, du, alpha=alphas[0], out=u_hat)
-                torch.sub(b_new, b, out=db)
-                torch.add(b, db, alpha=alphas[0], out=b_hat)
-            else:
-                alpha_b = torch.tensor(alphas, dtype=g.dtype).view(bshape)
-                torch.addcmul(u, alpha_b, du, out=u_hat)
-                torch.sub(b_new, b, out=db)
-                torch.addcmul(b, alpha_b, db, out=b_hat)
+            alpha = torch.tensor(alphas, dtype=g.dtype)
         else:
-            if accelerated:
-                t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
-                alpha = 1.0 + (t - 1.0) / t_new
-            else:
-                t_new, alpha = t, torch.ones_like(t)
+            a, t_new = _nesterov(t, accelerated)
+            alpha = 1.0 + a
             if restart:
-                combined = theta * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)
-                keep = combined < restart_eta * c_prev
+                alpha, t_new, c_prev, keep = _restart(
+                    alpha, t_new, _residual_measure(e, du, theta), c_prev, restart_eta
+                )
                 n_restart += (~keep).long()
-                c_prev = torch.where(keep, combined, c_prev / restart_eta)
-                t_new = torch.where(keep, t_new, torch.ones_like(t_new))
-                alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
             t = t_new
-            alpha_b = alpha.view(bshape)
-            torch.addcmul(u, alpha_b, du, out=u_hat)
-            torch.sub(b_new, b, out=db)
-            torch.addcmul(b, alpha_b, db, out=b_hat)
+        alpha_b = alpha.view(bshape)
+        torch.addcmul(u, alpha_b, du, out=u_hat)
+        torch.sub(b_new, b, out=db)
+        torch.addcmul(b, alpha_b, db, out=b_hat)
         u, u_new = u_new, u
         b, b_new = b_new, b
     if host:
         n_restart = torch.tensor(restarts_host, dtype=torch.long, device=g.device)
     return u, n_restart
-
-
-def _restart_measure(e: Tensor, du: Tensor, theta: float) -> list[float]:
-    """``θ (‖e‖² + ‖Δu‖²)`` per batch element, on the host."""
-    return (theta * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)).tolist()

@@ -6,7 +6,7 @@ axis; zero along an axis of size 1). Spacing, where given, is in the order of ``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -17,17 +17,8 @@ def central_difference(x: Tensor, dim: int) -> Tensor:
     n = x.shape[dim]
     if n == 1:
         return torch.zeros_like(x)
-    if torch.is_grad_enabled() and x.requires_grad:
-        padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim=dim)
-        return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
-    # Without autograd: written into one output (no padded copy of x): interior
-    # (x[i+1] − x[i−1]) / 2, ends (x[1] − x[0]) / 2 and (x[n−1] − x[n−2]) / 2.
-    out = torch.empty_like(x)
-    if n > 2:
-        torch.sub(x.narrow(dim, 2, n - 2), x.narrow(dim, 0, n - 2), out=out.narrow(dim, 1, n - 2))
-    torch.sub(x.narrow(dim, 1, 1), x.narrow(dim, 0, 1), out=out.narrow(dim, 0, 1))
-    torch.sub(x.narrow(dim, n - 1, 1), x.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1, 1))
-    return out.mul_(0.5)
+    padded = torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, n - 1, 1)], dim=dim)
+    return (padded.narrow(dim, 2, n) - padded.narrow(dim, 0, n)) * 0.5
 
 
 def spatial_gradient(x: Tensor, spacing: Sequence[float] | None = None) -> Tensor:
@@ -68,14 +59,19 @@ def jacobian_matrix(displacement: Tensor) -> Tensor:
 def determinant(jac: Tensor) -> Tensor:
     """Point-wise determinant of ``(B, n, n, *S)`` matrices (n = 2 or 3): ``(B, *S)``."""
     n = jac.shape[1]
+    if n not in (2, 3):
+        raise ValueError(f"determinant: expected 2x2 or 3x3 matrices, got {n}x{n}")
+    return _determinant(n, lambda i, j: jac[:, i, j])
+
+
+def _determinant(n: int, entry: Callable[[int, int], Tensor]) -> Tensor:
+    """Determinant (n = 2 or 3) from a function giving entry ``(i, j)`` as a tensor."""
     if n == 2:
-        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-    if n == 3:
-        a, b, c = jac[:, 0, 0], jac[:, 0, 1], jac[:, 0, 2]
-        d, e, f = jac[:, 1, 0], jac[:, 1, 1], jac[:, 1, 2]
-        g, h, i = jac[:, 2, 0], jac[:, 2, 1], jac[:, 2, 2]
-        return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
-    raise ValueError(f"determinant: expected 2x2 or 3x3 matrices, got {n}x{n}")
+        return entry(0, 0) * entry(1, 1) - entry(0, 1) * entry(1, 0)
+    a, b, c = entry(0, 0), entry(0, 1), entry(0, 2)
+    d, e, f = entry(1, 0), entry(1, 1), entry(1, 2)
+    g, h, i = entry(2, 0), entry(2, 1), entry(2, 2)
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def jacobian_determinant(displacement: Tensor) -> Tensor:
@@ -90,16 +86,9 @@ def jacobian_determinant(displacement: Tensor) -> Tensor:
     ndim = displacement.shape[1]
     if ndim not in (2, 3):
         return determinant(jacobian_matrix(displacement))
-    # Same formula as determinant(jacobian_matrix(d)), without building the (B, n, n, *S)
+    # Entries of I + ∇d taken from the gradients directly, without building the (B, n, n, *S)
     # matrix: the safeguard evaluates this after every warp.
     grads = [central_difference(displacement, 2 + j) for j in range(ndim)]  # ∂_j d, (B, n, *S)
-
-    def jac(i: int, j: int) -> Tensor:
-        return grads[j][:, i] + 1.0 if i == j else grads[j][:, i]
-
-    if ndim == 2:
-        return jac(0, 0) * jac(1, 1) - jac(0, 1) * jac(1, 0)
-    a, b, c = jac(0, 0), jac(0, 1), jac(0, 2)
-    d, e, f = jac(1, 0), jac(1, 1), jac(1, 2)
-    g, h, i = jac(2, 0), jac(2, 1), jac(2, 2)
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
+    return _determinant(
+        ndim, lambda i, j: grads[j][:, i] + 1.0 if i == j else grads[j][:, i]
+    )

@@ -81,14 +81,19 @@ def _laplacian_symbol(shape, spacing, order, boundary, dtype, device) -> Tensor:
     return (total**order).to(dtype=dtype, device=device)
 
 
-def _along(x: Tensor, m: Tensor, dim: int) -> Tensor:
-    """``y_k = Σ_i m[k, i] x_i`` along ``dim``, as one (batched) matmul without moving axes."""
+def _along(x: Tensor, m: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
+    """``y_k = Σ_i m[k, i] x_i`` along ``dim``, as one (batched) matmul without moving axes;
+    into ``out`` (shaped like ``x``, contiguous) where given."""
     if dim == x.dim() - 1:
-        return x @ m.T
+        return torch.matmul(x, m.T, out=out)
     if dim == x.dim() - 2:
-        return m @ x
-    shape = x.shape
-    return (m @ x.reshape(math.prod(shape[:dim]), shape[dim], -1)).reshape(shape)
+        return torch.matmul(m, x, out=out)
+    rows = math.prod(x.shape[:dim])
+    view = (rows, x.shape[dim], -1)
+    if out is None:
+        return (m @ x.reshape(view)).reshape(x.shape)
+    torch.matmul(m, x.view(view), out=out.view(view))
+    return out
 
 
 def forward_transform(x: Tensor, boundary: str) -> Tensor:
@@ -115,6 +120,20 @@ def inverse_transform(x: Tensor, shape: Sequence[int], boundary: str) -> Tensor:
         if n > 1:
             x = _along(x, dct_matrix(n, x.dtype, x.device).T, d)
     return x
+
+
+def dct_into(x: Tensor, buffers: tuple[Tensor, Tensor], inverse: bool = False) -> Tensor:
+    """The Neumann :func:`forward_transform` (or, ``inverse``, :func:`inverse_transform`) of
+    ``x`` written into two ping-pong ``buffers`` shaped like ``x`` (no allocation: the ADMM
+    inference loop); returns the buffer holding the result (``x`` itself if nothing to do)."""
+    out = x
+    for dim in range(2, x.dim()):
+        n = x.shape[dim]
+        if n > 1:
+            m = dct_matrix(n, x.dtype, x.device)
+            dst = buffers[0] if out is not buffers[0] else buffers[1]
+            out = _along(out, m.T if inverse else m, dim, out=dst)
+    return out
 
 
 def regulariser_weights(spacing: Sequence[float], dtype: torch.dtype, device) -> Tensor:
