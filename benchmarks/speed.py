@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/speed.py --json OUT.json [--device cpu|cuda] [--sizes acdc,paper]
         [--batch 1,4,16] [--presets fast,paper,accurate] [--repeats 5] [--threads N]
-        [--data DIR] [--patient patient001] [--no-demons]
+        [--data DIR] [--patient patient001] [--no-demons] [--compile [MODE]]
 
 Sizes: ``acdc`` is the ACDC protocol grid ``(Z, 128, 128)`` (spacing ``(s_z, 1.5, 1.5)``);
 ``paper`` is the paper's ``96 × 128 × 128`` grid: the same pair resampled to 1.5 mm isotropic
@@ -26,6 +26,11 @@ device given its work: per ADMM iteration one forward and one inverse spectral t
 writes for the v-, b- and momentum updates; per warp ``BYTES_PER_WARP`` field-sized transfers
 (warp, gradient, composition, safeguard), at the bandwidth of a large ``copy_`` measured here.
 The table gives our time as a multiple of that floor.
+
+``--compile [MODE]`` adds, for every (size, preset, batch), a row timed with
+``register(..., compile=MODE)`` (``torch.compile``; ``reduce-overhead`` replays CUDA graphs on a
+GPU): its first call (compilation included) is reported as ``compile_seconds`` and the largest
+difference of its displacement from the eager one as ``max_abs_diff_vs_eager`` (voxels).
 """
 
 from __future__ import annotations
@@ -226,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "data" / "acdc"))
     ap.add_argument("--patient", default="patient001")
     ap.add_argument("--no-demons", action="store_true")
+    ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
+                    help="also time torch.compile'd runs (optional mode, e.g. reduce-overhead)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
@@ -261,21 +268,38 @@ def main(argv: list[str] | None = None) -> int:
             for b in batches:
                 f = fixed.to(device).expand(b, -1, -1, -1, -1).contiguous()
                 m = moving.to(device).expand(b, -1, -1, -1, -1).contiguous()
-                med, times, mem = time_call(
-                    lambda f=f, m=m, p=preset, sp=spacing: nt.register(f, m, spacing=sp, preset=p),
-                    device, args.repeats)
-                row = dict(size=size_name, shape=shape, method=f"nadmm-{preset}-l2-o2", batch=b,
-                           seconds_per_pair=med / b, pairs_per_second=b / med,
-                           seconds_per_call=med, times=times, peak_memory_mb=mem / 2**20,
-                           device=device_name)
-                if preset == "fast":
-                    fl = floor_estimate(shape, spacing, b, device, bw)
-                    row["floor_seconds_per_pair"] = fl["seconds"] / b
-                    row["floor_transform_seconds_per_pair"] = fl["transform_seconds"] / b
-                    row["floor_ratio"] = med / fl["seconds"]
-                size_rows.append(row)
-                print(f"{size_name} {shape} {preset} batch {b}: {med / b:.3f} s/pair "
-                      f"({b / med:.1f} pairs/s), peak {mem / 2**20:.0f} MB", flush=True)
+                eager_d = None
+                for compile in [False] + ([args.compile] if args.compile else []):
+                    def run(f=f, m=m, p=preset, sp=spacing, c=compile):
+                        return nt.register(f, m, spacing=sp, preset=p, compile=c)
+
+                    method = f"nadmm-{preset}-l2-o2"
+                    extra = {}
+                    if compile:
+                        method += " compiled" + ("" if compile is True else f" ({compile})")
+                        _sync(device)
+                        t0 = time.perf_counter()
+                        d = run()
+                        _sync(device)
+                        extra = dict(compile_seconds=time.perf_counter() - t0,
+                                     max_abs_diff_vs_eager=(d - eager_d).abs().max().item())
+                    else:
+                        eager_d = run()
+                    med, times, mem = time_call(run, device, args.repeats)
+                    row = dict(size=size_name, shape=shape, method=method, batch=b,
+                               seconds_per_pair=med / b, pairs_per_second=b / med,
+                               seconds_per_call=med, times=times, peak_memory_mb=mem / 2**20,
+                               device=device_name, **extra)
+                    if preset == "fast":
+                        fl = floor_estimate(shape, spacing, b, device, bw)
+                        row["floor_seconds_per_pair"] = fl["seconds"] / b
+                        row["floor_transform_seconds_per_pair"] = fl["transform_seconds"] / b
+                        row["floor_ratio"] = med / fl["seconds"]
+                    size_rows.append(row)
+                    print(f"{size_name} {shape} {method} batch {b}: {med / b:.3f} s/pair "
+                          f"({b / med:.1f} pairs/s), peak {mem / 2**20:.0f} MB"
+                          + (f", first call {extra['compile_seconds']:.1f} s, max |Δd| "
+                             f"{extra['max_abs_diff_vs_eager']:.1e}" if extra else ""), flush=True)
         if demons_row is not None:  # again after our runs; ratios against the median of both
             demons_times += time_demons(fixed, moving, spacing, args.repeats)[0]
             demons_s = statistics.median(demons_times)

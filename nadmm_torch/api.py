@@ -27,6 +27,7 @@ def register(
     order: int = 2,
     initial_displacement: Tensor | None = None,
     return_diagnostics: bool = False,
+    compile: bool | str = False,
     **overrides,
 ):
     """Register ``moving`` to ``fixed``; returns the displacement ``(B, ndim, *S)`` (voxels).
@@ -34,10 +35,13 @@ def register(
     ``fixed``/``moving``: ``(B, 1, *S)`` floating tensors on one device (2D or 3D), or TorchIO
     images / a ``tio.Subject`` with ``"fixed"`` and ``"moving"`` (spacing read from them).
     ``spacing``: ``ndim`` spacings in mm in the order of ``S`` (default 1).
+    ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
     ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
     Runs without building an autograd graph unless an input requires grad.
     """
-    model = NADMMRegistration(preset, data_term=data_term, order=order, **overrides)
+    model = NADMMRegistration(
+        preset, data_term=data_term, order=order, compile=compile, **overrides
+    )
     model = model.to(fixed.device) if isinstance(fixed, Tensor) else model
     needs_grad = any(
         isinstance(x, Tensor) and x.requires_grad for x in (fixed, moving, initial_displacement)

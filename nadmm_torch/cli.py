@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--plot", action="store_true", help="also write registration.png")
     p.add_argument(
+        "--compile",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="MODE",
+        help="torch.compile the solver (optional MODE, e.g. reduce-overhead: CUDA graphs on a "
+        "GPU); pays off over many pairs of one shape, the first pair per shape compiles",
+    )
+    p.add_argument(
         "--force", action="store_true", help="cohort mode: redo pairs that are already finished"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
@@ -288,25 +297,32 @@ class Settings:
     overrides: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     plot: bool = False
+    compile: bool | str = False
 
-    def solver_kwargs(self) -> dict[str, Any]:
+    def solver_kwargs(self, execution: bool = True) -> dict[str, Any]:
+        """The keyword arguments of ``register``; ``execution=False`` leaves out how it runs
+        (``compile``), keeping only what defines the result."""
         kw: dict[str, Any] = dict(preset=self.preset, data_term=self.data_term, order=self.order)
         if self.lam is not None:
             kw["lam"] = self.lam
         if self.theta is not None:
             kw["theta"] = self.theta
         kw.update(self.overrides)
+        if execution and self.compile is not False:
+            kw["compile"] = self.compile
         return kw
 
 
 def _check_settings(settings: Settings) -> None:
     """Fail early (before any image is read) on an unknown preset or solver option."""
     try:
+        from .ops.solver import compile_mode
         from .presets import preset_config
     except ImportError:  # pragma: no cover - the solver checks them later anyway
         return
     try:
-        preset_config(**settings.solver_kwargs())
+        preset_config(**settings.solver_kwargs(execution=False))
+        compile_mode(settings.compile)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"registration settings: {_one_line(exc)}") from None
 
@@ -787,6 +803,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides=_parse_overrides(args.overrides),
         device=args.device,
         plot=args.plot,
+        compile=args.compile,
     )
     log = _Log(args.quiet)
     outdir = Path(args.outdir).expanduser()

@@ -23,7 +23,7 @@ from .checks import (
     check_pyramid_size,
     check_spacing,
 )
-from .ops.solver import Diagnostics, SolverConfig, solve
+from .ops.solver import Diagnostics, SolverConfig, compile_mode, solve
 from .presets import preset_config
 
 LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
@@ -63,6 +63,10 @@ class NADMMRegistration(nn.Module):
         schedule: ``"level"`` (one λ, θ per pyramid level) or ``"iteration"`` (one per ADMM
             iteration and level: untied schedules).
         checkpoint: gradient checkpointing per warp (recompute in backward; saves memory).
+        compile: ``torch.compile`` the solver's linearisation steps: ``False`` (eager), ``True``
+            or a mode (``"reduce-overhead"``: CUDA graphs on a GPU). Worth it for many calls
+            at one shape (training on fixed-size crops, a cohort); the first call per shape
+            compiles for tens of seconds.
         **overrides: any :class:`~nadmm_torch.ops.solver.SolverConfig` field, e.g. ``lam``,
             ``theta``, ``iterations``, ``warps``, ``levels``, ``tol_admm``, ``tol_warp``,
             ``restart``, ``safeguard``, ``boundary``, ``accelerated``.
@@ -86,9 +90,11 @@ class NADMMRegistration(nn.Module):
         learnable: bool | str | Iterable[str] | None = None,
         schedule: str = "level",
         checkpoint: bool = False,
+        compile: bool | str = False,
         **overrides,
     ) -> None:
         super().__init__()
+        compile_mode(compile)  # a bad value fails here, not at the first forward
         if schedule not in ("level", "iteration"):
             raise ValueError(f"schedule: expected 'level' or 'iteration', got {schedule!r}")
         overrides = check_options(preset, data_term, order, overrides)
@@ -96,6 +102,7 @@ class NADMMRegistration(nn.Module):
         self.learnable = _parse_learnable(learnable)
         self.schedule = schedule
         self.checkpoint = checkpoint
+        self.compile = compile
         cfg = self.config
         k_max, w_max = max(cfg.iterations), max(cfg.warps)
         per_iter = schedule == "iteration"
@@ -166,6 +173,7 @@ class NADMMRegistration(nn.Module):
             spacing=spacing,
             initial_displacement=initial_displacement,
             checkpoint=self.checkpoint,
+            compile=self.compile,
             diagnostics=return_diagnostics,
             **params,
         )

@@ -285,6 +285,7 @@ def test_error_messages(tmp_path, monkeypatch, capsys):
         ([paths["fixed"], paths["moving"], "-o", blocker / "sub"], "output"),
         ([paths["fixed"], paths["moving"], "-o", blocker], "not a directory"),
         ([paths["fixed"], paths["moving"], "-o", out, "--set", "iterations"], "KEY=VALUE"),
+        ([paths["fixed"], paths["moving"], "-o", out, "--compile", "fastest"], "compile: expected"),
         ([paths["fixed"], "-o", out], "required"),
         ([paths["fixed"], paths["moving"]], "required"),
         ([paths["fixed"], paths["moving"], "-o", out, "--moving-labels", corrupt], "cannot read"),
@@ -296,6 +297,25 @@ def test_error_messages(tmp_path, monkeypatch, capsys):
         rc, stdout, err = _run(argv, capsys)
         _assert_one_line_error(rc, stdout, err, contains)
         assert not out.exists(), argv  # nothing written, not even the folder
+
+
+def test_compile_flag_reaches_the_solver(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def recording(fixed, moving, **kw):
+        seen.append(kw.get("compile", False))
+        return _known_field(fixed, moving, **kw)
+
+    monkeypatch.setattr(nadmm_torch, "register", recording)
+    paths = _write_pair(tmp_path)
+    for flag, expected in (([], False), (["--compile"], True),
+                           (["--compile", "reduce-overhead"], "reduce-overhead")):
+        out = tmp_path / f"out{len(seen)}"
+        rc, _, err = _run([paths["fixed"], paths["moving"], "-o", out, "-q", *flag], capsys)
+        assert rc == 0, err
+        assert seen[-1] == expected
+        settings = json.loads((out / "summary.json").read_text())["settings"]
+        assert settings.get("compile", False) == expected
 
 
 def test_no_partial_outputs_when_the_solver_fails(tmp_path, monkeypatch, capsys):

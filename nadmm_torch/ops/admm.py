@@ -210,6 +210,7 @@ def nesterov_admm(
         not (torch.is_grad_enabled() and any(_needs_grad(x) for x in (g, c, lam, theta)))
         and coef is not None and mult is not None and boundary == "neumann"
         and momentum is None and tol is None and not record and callback is None
+        and not torch.compiler.is_compiling()  # compiled: the functional loop, fused by inductor
     )
     if plain_inference:
         u, n_restart = _admm_in_place(

@@ -6,8 +6,10 @@ displacement and every hyperparameter tensor (λ, θ, momentum and step-scale sc
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -20,6 +22,9 @@ from .warp import compose, resize, resize_displacement, warp
 
 # Step scales tried, largest first, by the safeguard; 0 keeps the previous displacement.
 SAFEGUARD_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+# ``compile=`` choices of :func:`solve`: False (eager), True (= "default"), or a torch.compile
+# mode; "reduce-overhead" replays CUDA graphs on a GPU (on a CPU it is the default mode).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -162,19 +167,25 @@ def _min_jacobian(d: Tensor) -> Tensor:
     return jacobian_determinant(d).flatten(1).amin(dim=1)
 
 
-def safeguarded_compose(d: Tensor, u: Tensor, min_jacobian: float = 0.0) -> tuple[Tensor, Tensor]:
+def safeguarded_compose(
+    d: Tensor,
+    u: Tensor,
+    min_jacobian: float = 0.0,
+    full: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
     """``d ← s u + d ∘ (Id + s u)`` with the largest ``s`` in :data:`SAFEGUARD_SCALES` for which
     ``det(I + ∇d_new) > min_jacobian`` everywhere (per batch element).
 
     Only where the full step folds are the smaller steps computed (one host synchronisation).
     If no scale passes (an initial field that already folds), the scale with the largest
-    minimum determinant is kept.
+    minimum determinant is kept. ``full``: the full step ``compose(d, u)`` and its minimum
+    determinant ``(B,)``, where the caller has them already.
 
     Returns:
         ``(d_new, s)`` with ``s`` of shape ``(B,)``.
     """
-    full = compose(d, u)
-    ok = _min_jacobian(full) > min_jacobian
+    full, full_min = full if full is not None else _full_step(d, u)
+    ok = full_min > min_jacobian
     ones = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
     if bool(ok.all()):
         return full, ones
@@ -204,6 +215,11 @@ def _box_smooth(x: Tensor) -> Tensor:
             n = x.shape[dim]
             x = (xp.narrow(dim, 0, n) + xp.narrow(dim, 1, n) + xp.narrow(dim, 2, n)) / 3.0
     return x
+
+
+def _full_step(d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    full = compose(d, u)
+    return full, _min_jacobian(full)
 
 
 def repair_folds(d: Tensor, min_jacobian: float = 0.0, max_rounds: int = 50) -> Tensor:
@@ -251,6 +267,7 @@ def solve(
     step_scale: Sequence[Tensor | None] | None = None,
     checkpoint: bool = False,
     diagnostics: bool = False,
+    compile: bool | str = False,
 ) -> tuple[Tensor, Diagnostics | None]:
     """Register ``moving`` to ``fixed``.
 
@@ -265,6 +282,10 @@ def solve(
         step_scale: per level, ``None`` or a ``(W_level,)`` tensor multiplying each velocity.
         checkpoint: recompute each warp's forward in the backward pass (less memory).
         diagnostics: also return a :class:`Diagnostics`.
+        compile: ``torch.compile`` each linearisation step (warp, image gradient, the K ADMM
+            iterations, composition): ``True`` or a mode from :data:`COMPILE_MODES`. The first
+            call per level shape compiles (tens of seconds); later calls run fused kernels.
+            Same numbers as eager to float tolerance. Default ``False``: eager.
 
     Returns:
         ``(displacement (B, ndim, *S) in voxel units, diagnostics or None)``.
@@ -284,6 +305,8 @@ def solve(
         keep[list(frozen)] = 0.0
         keep = keep.view(1, ndim, *([1] * ndim))
 
+    mode = compile_mode(compile)
+    velocity = _velocity if mode is None else _compiled_velocity(mode)
     factors = pyramid_factors(
         shape, spacing, config.levels, config.anisotropic_pyramid, config.min_level_size
     )
@@ -341,7 +364,7 @@ def solve(
             def step(
                 d_in: Tensor, f_in: Tensor, m_in: Tensor, kw=admm_kwargs, sc=scale_w, mask=keep
             ):
-                return _warp_step(d_in, f_in, m_in, kw, sc, config, mask)
+                return _warp_step(d_in, f_in, m_in, kw, sc, config, mask, velocity)
 
             if checkpoint and torch.is_grad_enabled():
                 d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
@@ -375,8 +398,38 @@ def solve(
     return d, diag
 
 
-def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None):
-    """One linearisation: warp, ADMM for the velocity, (safeguarded) composition."""
+def compile_mode(compile: bool | str) -> str | None:
+    """The torch.compile mode that ``compile=`` asks for (``None``: eager), or a ValueError."""
+    if compile is False:
+        return None
+    if compile is True:
+        return "default"
+    if compile not in COMPILE_MODES:
+        raise ValueError(
+            f"compile: expected False, True or one of {list(COMPILE_MODES)}, got {compile!r}"
+        )
+    return compile
+
+
+@cache
+def _compiled_velocity(mode: str):
+    """One compiled :func:`_velocity` per mode, shared by every solve (and so is its cache of
+    compiled shapes)."""
+    compiled = torch.compile(_velocity, mode=mode)
+
+    def run(*args):
+        with warnings.catch_warnings():
+            # Dynamo traces through the lru_cache of the DCT matrices and symbols: harmless
+            # here (pure functions of shape/spacing), so its warning is not passed on.
+            warnings.filterwarnings("ignore", message=".*lru_cache", category=UserWarning)
+            return compiled(*args)
+
+    return run
+
+
+def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool):
+    """Warp, linearise, ADMM for the velocity ``u``, and the full step ``compose(d, u)`` with,
+    for the safeguard, its minimum det J: everything of a warp step up to the host check."""
     warped = warp(moving, d)
     g = spatial_gradient(warped)[:, 0]  # (B, ndim, *S), voxel units
     if mask is not None:  # frozen axes: no gradient along them, so no motion either
@@ -385,8 +438,15 @@ def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None):
     u, info = nesterov_admm(g, c, **admm_kwargs)
     if scale is not None:
         u = u * scale
+    full = _full_step(d, u) if safeguard else (compose(d, u), None)
+    return u, info, full
+
+
+def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None, velocity=_velocity):
+    """One linearisation: warp, ADMM for the velocity, (safeguarded) composition."""
+    u, info, full = velocity(d, fixed, moving, admm_kwargs, scale, mask, config.safeguard)
     if config.safeguard:
-        d_new, s = safeguarded_compose(d, u, config.min_jacobian)
+        d_new, s = safeguarded_compose(d, u, config.min_jacobian, full=full)
     else:
-        d_new, s = compose(d, u), torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
+        d_new, s = full[0], torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
     return d_new, u, info, s
