@@ -1,0 +1,43 @@
+"""Smoke test of ``benchmarks/speed.py`` (issue 7) on a tiny grid of the bundled sample, so the
+benchmark cannot rot between the runs that fill the README. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_benchmark_writes_its_table(tmp_path, capsys):
+    speed = _load("speed")
+    out = tmp_path / "speed.json"
+    rc = speed.main([
+        "--json", str(out), "--data", str(tmp_path / "no_data"), "--sizes", "8x32x32",
+        "--presets", "fast,paper", "--batch", "1,2", "--repeats", "1", "--no-demons",
+    ])  # fmt: skip
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["source"].startswith("bundled sample")
+    methods = [(r["method"], r["batch"]) for r in doc["rows"]]
+    assert methods == [("nadmm-fast-l2-o2", 1), ("nadmm-fast-l2-o2", 2),
+                       ("nadmm-paper-l2-o2", 1), ("nadmm-paper-l2-o2", 2)]
+    for r in doc["rows"]:
+        assert r["shape"] == [8, 32, 32]
+        assert r["seconds_per_pair"] > 0 and len(r["times"]) == 1
+        assert abs(r["pairs_per_second"] * r["seconds_per_pair"] - 1) < 1e-9
+        if r["method"].startswith("nadmm-fast"):  # the floor is estimated for fast only
+            assert 0 < r["floor_seconds_per_pair"] and r["floor_ratio"] > 0
+        else:
+            assert "floor_ratio" not in r
+    assert doc["bandwidth_bytes_per_second"] > 0
+    assert doc["table"].count("| 8x32x32 8×32×32 |") == 4
+    assert "nadmm-fast-l2-o2" in capsys.readouterr().out
