@@ -59,3 +59,30 @@ def test_compile_modes():
     assert compile_mode(False) is None
     assert compile_mode(True) == "default"
     assert all(compile_mode(m) == m for m in COMPILE_MODES)
+
+
+def test_outputs_of_a_cuda_graph_replay_are_copied():
+    from nadmm_torch.ops.admm import ADMMInfo
+    from nadmm_torch.ops.solver import _own_outputs
+
+    u, full, full_min = torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4, 4), torch.rand(1)
+    info = ADMMInfo(iterations=torch.tensor([3]), residuals=[torch.rand(1)],
+                    restarts=torch.tensor([0]))
+    u2, info2, (full2, min2) = _own_outputs((u, info, (full, full_min)))
+    pairs = [(u, u2), (full, full2), (full_min, min2), (info.iterations, info2.iterations),
+             (info.residuals[0], info2.residuals[0]), (info.restarts, info2.restarts)]
+    for a, b in pairs:
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])
+def test_compiled_on_cuda_equals_eager(mode):
+    s = load_sample()
+    fixed, moving = s.fixed.cuda(), s.moving.cuda()
+    kw = dict(spacing=s.spacing, preset="fast")
+    eager = nt.register(fixed, moving, **kw)
+    first = nt.register(fixed, moving, compile=mode, **kw)
+    second = nt.register(fixed, moving, compile=mode, **kw)  # replays (CUDA graphs)
+    assert torch.allclose(first, eager, atol=1e-4, rtol=0)
+    assert torch.allclose(second, eager, atol=1e-4, rtol=0)

@@ -416,15 +416,34 @@ def _compiled_velocity(mode: str):
     """One compiled :func:`_velocity` per mode, shared by every solve (and so is its cache of
     compiled shapes)."""
     compiled = torch.compile(_velocity, mode=mode)
+    graphs = mode == "reduce-overhead"
 
-    def run(*args):
+    def run(d, *args):
         with warnings.catch_warnings():
             # Dynamo traces through the lru_cache of the DCT matrices and symbols: harmless
             # here (pure functions of shape/spacing), so its warning is not passed on.
             warnings.filterwarnings("ignore", message=".*lru_cache", category=UserWarning)
-            return compiled(*args)
+            if graphs:  # each warp step is a new replay of the CUDA graph
+                torch.compiler.cudagraph_mark_step_begin()
+            out = compiled(d, *args)
+        if graphs and d.is_cuda:
+            # A replay overwrites the graph's output memory, and the next warp step replays
+            # it while these outputs are still in use: own copies.
+            out = _own_outputs(out)
+        return out
 
     return run
+
+
+def _own_outputs(out):
+    u, info, (full, full_min) = out
+    info = replace(
+        info,
+        iterations=info.iterations.clone(),
+        residuals=[r.clone() for r in info.residuals],
+        restarts=None if info.restarts is None else info.restarts.clone(),
+    )
+    return u.clone(), info, (full.clone(), None if full_min is None else full_min.clone())
 
 
 def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool):
