@@ -9,6 +9,7 @@ comparable with ``benchmarks/acdc.py``.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
@@ -43,6 +45,13 @@ def add_common_args(
     ap.add_argument("--lr", type=float, default=None, help="Adam learning rate")
     ap.add_argument("--clip", type=float, default=None,
                     help="clip the gradient norm at this value (default: no clipping)")
+    ap.add_argument("--val-pairs", type=int, default=0,
+                    help="tuning pairs held out for validation after every epoch; the weights "
+                    "of the best validation Dice (the untrained start included) are kept "
+                    "(default 0: no validation, the last epoch's weights)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="with --val-pairs: stop after this many epochs without a better "
+                    "validation Dice")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     # The README's recorded results were run with the paper's schedule (then called "fast").
@@ -61,12 +70,23 @@ def setup(args: argparse.Namespace) -> None:
 
 
 def split_ids(args: argparse.Namespace) -> tuple[list[str], list[str]]:
-    """``(training ids ⊂ tuning split, report ids)``; the report split is never trained on."""
+    """``(training ids ⊂ tuning split, report ids)``; the report split is never trained on, and
+    the validation pairs (:func:`validation_ids`) are not drawn for training."""
     tune, report = split(read_pairs(args.data))
-    n = min(args.train_pairs, len(tune))
-    train = sorted(random.Random(f"examples-{args.seed}").sample(tune, n))
+    pool = [p for p in tune if p not in set(validation_ids(args))]
+    n = min(args.train_pairs, len(pool))
+    train = sorted(random.Random(f"examples-{args.seed}").sample(pool, n))
     assert not set(train) & set(report)
     return train, report[: args.report_pairs]
+
+
+def validation_ids(args: argparse.Namespace) -> list[str]:
+    """``--val-pairs`` tuning pairs (seeded), held out from training; none by default."""
+    if not getattr(args, "val_pairs", 0):
+        return []
+    tune, _ = split(read_pairs(args.data))
+    n = min(args.val_pairs, len(tune) - 1)
+    return sorted(random.Random(f"examples-val-{args.seed}").sample(tune, n))
 
 
 def train_loader(args: argparse.Namespace, ids: Sequence[str], augment: bool = True):
@@ -109,28 +129,74 @@ def registration_module(
     )
 
 
-def fit(module, loader, epochs: int, clip: float | None = None) -> dict:
+def fit(
+    module, loader, epochs: int, clip: float | None = None, val_loader=None,
+    patience: int | None = None,
+) -> dict:
     """Train a ``RegistrationLightningModule`` on CPU (gradient norm clipped at ``clip``
-    where given); returns the last epoch's logged metrics and the wall time."""
-    import pytorch_lightning as pl
+    where given); returns the last epoch's logged metrics and the wall time.
 
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=True,
-        log_every_n_steps=1,
-        gradient_clip_val=clip,
-    )
+    With ``val_loader``: validation Dice before training and after every epoch; the weights of
+    the best one are restored at the end (so training never returns worse than its start on
+    the validation pairs), and with ``patience`` training stops after that many epochs without
+    improvement. The returned dict then also holds ``validation`` (history, best epoch).
+    """
+    def trainer(**kw):
+        return pl.Trainer(
+            accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, deterministic=True,
+            log_every_n_steps=1, num_sanity_val_steps=0, **kw,
+        )  # fmt: skip
+
+    callbacks, best = [], None
+    if val_loader is not None:
+        start = trainer().validate(module, val_loader, verbose=False)[0][VAL_METRIC]
+        best = KeepBest(VAL_METRIC, start, module)
+        callbacks.append(best)
+        if patience is not None:
+            callbacks.append(pl.callbacks.EarlyStopping(VAL_METRIC, patience=patience, mode="max"))
+    fitter = trainer(max_epochs=epochs, gradient_clip_val=clip, callbacks=callbacks)
     t0 = time.perf_counter()
-    trainer.fit(module, loader)
+    fitter.fit(module, loader, val_dataloaders=val_loader)
     seconds = time.perf_counter() - t0
-    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    return {"seconds": seconds, "last_epoch": logged, "steps": int(trainer.global_step)}
+    logged = {k: float(v) for k, v in fitter.callback_metrics.items() if v.numel() == 1}
+    info = {"seconds": seconds, "last_epoch": logged, "steps": int(fitter.global_step)}
+    if best is not None:
+        module.load_state_dict(best.state)
+        info["validation"] = {"metric": VAL_METRIC, "history": best.history,
+                              "best_epoch": best.epoch, "best": best.score,
+                              "epochs_run": fitter.current_epoch}
+    return info
+
+
+VAL_METRIC = "val/dice"
+
+
+class KeepBest(pl.Callback):
+    """Keeps a copy of the weights with the best ``monitor`` (higher is better), starting from
+    the untrained ``module`` scored ``score`` (epoch 0)."""
+
+    def __init__(self, monitor: str, score: float, module: nn.Module) -> None:
+        self.monitor, self.score, self.epoch = monitor, float(score), 0
+        self.state = copy.deepcopy(module.state_dict())
+        self.history = [float(score)]
+
+    def on_validation_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        value = float(trainer.callback_metrics[self.monitor])
+        self.history.append(value)
+        if value > self.score:
+            self.score, self.epoch = value, trainer.current_epoch + 1
+            self.state = copy.deepcopy(module.state_dict())
+
+
+def train(module, args: argparse.Namespace, train_ids: Sequence[str]) -> dict:
+    """:func:`fit` on the training pairs, validating on :func:`validation_ids` where asked."""
+    val = validation_ids(args)
+    return fit(
+        module, train_loader(args, train_ids), args.epochs, clip=args.clip,
+        val_loader=train_loader(args, val, augment=False) if val else None,
+        patience=args.patience,
+    )  # fmt: skip
 
 
 def evaluate(

@@ -33,13 +33,12 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     RESULTS,
     add_common_args,
     evaluate,
-    fit,
     load_voxelmorph,
     markdown_table,
     registration_module,
     setup,
     split_ids,
-    train_loader,
+    train,
     trainable_count,
     write_json,
 )
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     module = registration_module(model, args, smoothness_weight=args.smooth_weight, cls=Module)
     print(f"training network + NADMM layer ({trainable_count(model)} parameters, network from "
           f"{init}) on {len(train_ids)} tuning pairs x {args.epochs} epochs", flush=True)
-    train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
+    train_info = train(module, args, train_ids)
     model.eval()
 
     predictors = {

@@ -32,12 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (sibling helper module of the examples)
     add_common_args,
     evaluate,
-    fit,
     markdown_table,
     registration_module,
     setup,
     split_ids,
-    train_loader,
+    train,
     trainable_count,
     unregistered,
     write_json,
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     module = registration_module(reg, args, similarity_weight=args.sim_weight)
     print(f"training {trainable_count(reg)} solver parameters on {len(train_ids)} tuning pairs "
           f"x {args.epochs} epochs", flush=True)
-    train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
+    train_info = train(module, args, train_ids)
     reg.eval()
     hand = nt.NADMMRegistration(args.preset, data_term="l2", order=2)
 

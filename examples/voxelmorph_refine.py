@@ -34,13 +34,12 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
     RESULTS,
     add_common_args,
     evaluate,
-    fit,
     load_voxelmorph,
     markdown_table,
     registration_module,
     setup,
     split_ids,
-    train_loader,
+    train,
     trainable_count,
     unregistered,
     write_json,
@@ -73,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         module = registration_module(net, args, smoothness_weight=args.smooth_weight)
         print(f"training VoxelMorph ({trainable_count(net)} parameters) on {len(train_ids)} "
               f"tuning pairs x {args.epochs} epochs", flush=True)
-        train_info = fit(module, train_loader(args, train_ids), args.epochs, clip=args.clip)
+        train_info = train(module, args, train_ids)
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": net.state_dict(), "integration_steps": args.integration_steps,
                     "train_ids": train_ids}, args.save)
