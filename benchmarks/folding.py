@@ -94,10 +94,10 @@ def settings_grid(args: argparse.Namespace) -> list[dict]:
     for preset in args.presets:
         for data_term in args.data_terms:
             for order in args.orders:
-                lam0 = nt.preset_config(preset, data_term, order).lam
+                cfg = nt.preset_config(preset, data_term, order)
                 for factor in args.lam_factors:
                     out.append(dict(preset=preset, data_term=data_term, order=order,
-                                    lam_factor=factor, lam=lam0 * factor))
+                                    lam_factor=factor, lam=cfg.scaled("lam", factor)))
     return out
 
 
@@ -148,6 +148,13 @@ def summarize(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _levels(value) -> str:
+    """A λ for the table: one number, or one per pyramid level (coarse → fine) joined by /."""
+    if isinstance(value, (list, tuple)):
+        return "/".join(format(v, ".3g") for v in value)
+    return format(value, "g")
+
+
 def markdown_table(rows: list[dict]) -> str:
     head = ("| preset | data term | order | λ factor | λ | pairs | voxels with det J ≤ 0 | "
             "pairs with folds | min det J | mean Dice | mean time (s) |")
@@ -155,7 +162,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['preset']} | {r['data_term']} | {r['order']} | {r['lam_factor']:g} | "
-            f"{r['lam']:g} | {r['pairs']} | {r['folds']} | {r['pairs_with_folds']} | "
+            f"{_levels(r['lam'])} | {r['pairs']} | {r['folds']} | {r['pairs_with_folds']} | "
             f"{r['min_det']:.3g} | {r['dice']:.3f} | {r['time_s']:.2f} |"
         )
     total = sum(r["folds"] for r in rows)

@@ -31,8 +31,9 @@ PRESETS: dict[str, dict] = {
 }
 
 # (preset, data_term, order) -> (λ, θ), for images scaled jointly to [0, 1] and spacing in mm.
-TUNED: dict[tuple[str, str, int], tuple[float, float]] = {
-    # paper / fast: best mean Dice (fold-free) of the λ × θ grid, 12 tuning pairs; grid values
+Value = float | tuple[float, ...]  # one for all levels, or one per level
+TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
+    # paper: best mean Dice (fold-free) of the λ × θ grid, 12 tuning pairs; grid values
     # are 3^k multiples, so 0.01 / 9 etc. are exact grid points.
     ("paper", "l2", 1): (9.0, 0.03),
     ("paper", "l2", 2): (0.3, 0.001),
@@ -40,12 +41,16 @@ TUNED: dict[tuple[str, str, int], tuple[float, float]] = {
     ("paper", "l1", 1): (0.9, 0.01),
     ("paper", "l1", 2): (0.03, 0.001),
     ("paper", "l1", 3): (0.01 / 9, 1e-4 / 3),
-    ("fast", "l2", 1): (27.0, 0.1),
-    ("fast", "l2", 2): (1.0, 0.003),
-    ("fast", "l2", 3): (0.1 / 3, 1e-4),
-    ("fast", "l1", 1): (2.7, 0.03),
-    ("fast", "l1", 2): (0.1, 0.003),
-    ("fast", "l1", 3): (0.01 / 3, 3e-4),
+    # fast: per pyramid level (coarse → fine; the finest, never solved, repeats the middle
+    # one): the grid's best (λ, θ) (fast-* in the record's "best": 27, 0.1 | 1, 0.003 |
+    # 0.1/3, 1e-4 | 2.7, 0.03 | 0.1, 0.003 | 0.01/3, 3e-4 for l2 o1–3, l1 o1–3) times the
+    # per-level multipliers of --per-level (3^(k/2), rounded to 6 digits), on all 60 tuning pairs.
+    ("fast", "l2", 1): ((27.0, 27.0, 27.0), (0.0333333, 0.1, 0.1)),
+    ("fast", "l2", 2): ((0.333333, 1.732051, 1.732051), (0.00057735, 0.005196153, 0.005196153)),
+    ("fast", "l2", 3): ((0.0037037, 0.1 / 3, 0.1 / 3), (1e-4, 1e-4, 1e-4)),
+    ("fast", "l1", 1): ((2.7, 2.7, 2.7), (0.03, 0.09, 0.09)),
+    ("fast", "l1", 2): ((0.0333333, 0.1732051, 0.1732051), (0.00057735, 0.003, 0.003)),
+    ("fast", "l1", 3): ((0.00111111, 0.01, 0.01), (0.0003, 0.0003, 0.0003)),
     # accurate: λ × {1/3, 1, 3} around the paper value, at its θ, extended past edges.
     ("accurate", "l2", 1): (3.0, 0.03),
     ("accurate", "l2", 2): (0.1, 0.001),
@@ -64,7 +69,9 @@ def preset_config(
     """The :class:`SolverConfig` of a named preset, with any field overridden.
 
     ``lam``/``theta`` default to the tuned values for (preset, data_term, order); orders without
-    tuned values use those of the nearest tuned order.
+    tuned values use those of the nearest tuned order. Tuned per-level values follow an
+    overridden ``levels`` by resolution: the finest levels keep theirs, added coarser levels
+    take the coarsest value.
     """
     from .checks import check_options  # the one place for option validation
 
@@ -74,4 +81,15 @@ def preset_config(
     lam, theta = TUNED[(preset, data_term, nearest)]
     settings = dict(PRESETS[preset], data_term=data_term, order=order, lam=lam, theta=theta)
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    for name in ("lam", "theta"):
+        value = settings[name]
+        if isinstance(value, tuple) and overrides.get(name) is None:
+            settings[name] = _per_resolution(value, settings.get("levels", SolverConfig.levels))
     return SolverConfig(**settings)
+
+
+def _per_resolution(values: tuple[float, ...], levels: int) -> tuple[float, ...]:
+    """Per-level values (coarse → fine) for a pyramid of ``levels``, aligned at the finest."""
+    if levels <= len(values):
+        return values[len(values) - levels:]
+    return (values[0],) * (levels - len(values)) + values

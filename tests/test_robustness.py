@@ -29,8 +29,8 @@ def assert_sane(d: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", ["lam", "theta"])
 @pytest.mark.parametrize("factor", [100.0, 0.01])
 def test_extreme_lambda_and_theta_stay_finite_and_fold_free(data_term, name, factor):
-    preset = getattr(nt.preset_config("fast", data_term, 2), name)
-    d = nt.register(F64, M64, data_term=data_term, **{name: preset * factor})
+    scaled = nt.preset_config("fast", data_term, 2).scaled(name, factor)
+    d = nt.register(F64, M64, data_term=data_term, **{name: scaled})
     assert_sane(d)
     if name == "lam" and factor < 1:
         # A data weight 100× smaller must move less than the preset does.
@@ -41,7 +41,8 @@ def test_extreme_lambda_and_theta_stay_finite_and_fold_free(data_term, name, fac
 @pytest.mark.parametrize("data_term", ["l2", "l1"])
 def test_extreme_settings_in_3d(data_term):
     cfg = nt.preset_config("fast", data_term, 2)
-    for lam, theta in [(cfg.lam * 100, cfg.theta), (cfg.lam / 100, cfg.theta * 100)]:
+    for lam, theta in [(cfg.scaled("lam", 100), cfg.theta),
+                       (cfg.scaled("lam", 0.01), cfg.scaled("theta", 100))]:
         assert_sane(nt.register(F3, M3, spacing=SP3, data_term=data_term, lam=lam, theta=theta))
 
 
@@ -177,7 +178,7 @@ def test_gradients_are_finite_through_the_thresholding_kinks(data_term, case, dt
 @pytest.mark.parametrize("data_term", ["l2", "l1"])
 def test_gradients_are_finite_with_extreme_lambda(data_term):
     cfg = nt.preset_config("fast", data_term, 2)
-    for lam in (cfg.lam * 100, cfg.lam / 100):
+    for lam in (cfg.scaled("lam", 100), cfg.scaled("lam", 0.01)):
         f, m = F32.clone().requires_grad_(), M32.clone().requires_grad_()
         model = nt.NADMMRegistration(data_term=data_term, lam=lam, learnable={"lambda", "theta"})
         d = model(f, m)

@@ -101,6 +101,10 @@ class SolverConfig:
             raise ValueError(f"{name} must be a float or {self.levels} floats, got {value!r}")
         return tuple(float(v) for v in value)
 
+    def scaled(self, name: str, factor: float) -> tuple[float, ...]:
+        """``lam``/``theta`` per level, each times ``factor`` (a sweep around a preset)."""
+        return tuple(v * factor for v in self.per_level(name))
+
     def updated(self, **changes) -> SolverConfig:
         return replace(self, **changes)
 
