@@ -139,7 +139,7 @@ def fit(
     With ``val_loader``: validation Dice before training and after every epoch; the weights of
     the best one are restored at the end (so training never returns worse than its start on
     the validation pairs), and with ``patience`` training stops after that many epochs without
-    improvement. The returned dict then also holds ``validation`` (history, best epoch).
+    improvement over the best so far, the untrained start included. The returned dict then also holds ``validation`` (history, best epoch).
     """
     def trainer(**kw):
         return pl.Trainer(
@@ -154,7 +154,9 @@ def fit(
         best = KeepBest(VAL_METRIC, start, module)
         callbacks.append(best)
         if patience is not None:
-            callbacks.append(pl.callbacks.EarlyStopping(VAL_METRIC, patience=patience, mode="max"))
+            stopper = pl.callbacks.EarlyStopping(VAL_METRIC, patience=patience, mode="max")
+            stopper.best_score = torch.tensor(float(start))  # count from the untrained score
+            callbacks.append(stopper)
     fitter = trainer(max_epochs=epochs, gradient_clip_val=clip, callbacks=callbacks)
     t0 = time.perf_counter()
     fitter.fit(module, loader, val_dataloaders=val_loader)

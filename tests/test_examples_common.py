@@ -82,8 +82,8 @@ def test_keep_best_restores_the_start_when_training_only_hurts(common):
 def test_early_stopping_with_patience(common):
     train, val = _loaders()
     info = common.fit(_module(lr=0.0), train, epochs=5, val_loader=val, patience=1)
-    v = info["validation"]  # lr 0: nothing improves, so training stops after 1 + patience epochs
-    assert v["epochs_run"] == 2 and v["best_epoch"] == 0
+    v = info["validation"]  # lr 0: nothing beats the start, so training stops after `patience`
+    assert v["epochs_run"] == 1 and v["best_epoch"] == 0
     assert len(set(round(h, 6) for h in v["history"])) == 1
 
 
