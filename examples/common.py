@@ -139,8 +139,10 @@ def fit(
     With ``val_loader``: validation Dice before training and after every epoch; the weights of
     the best one are restored at the end (so training never returns worse than its start on
     the validation pairs), and with ``patience`` training stops after that many epochs without
-    improvement over the best so far, the untrained start included. The returned dict then also holds ``validation`` (history, best epoch).
+    improvement over the best so far, the untrained start included. The returned dict then
+    also holds ``validation`` (history, best epoch).
     """
+
     def trainer(**kw):
         return pl.Trainer(
             accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

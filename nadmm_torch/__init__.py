@@ -2,7 +2,8 @@
 
 Public API::
 
-    register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2, **overrides)
+    register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2,
+             compile=False, **overrides)
     warp(image, displacement, mode="bilinear" | "nearest")
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
