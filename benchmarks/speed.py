@@ -5,7 +5,7 @@ Usage::
 
     python benchmarks/speed.py --json OUT.json [--device cpu|cuda] [--sizes acdc,paper]
         [--batch 1,4,16] [--presets fast,paper,accurate] [--repeats 5] [--threads N]
-        [--data DIR] [--patient patient001] [--no-demons] [--compile [MODE]]
+        [--data DIR] [--patient patient001] [--no-demons] [--compile [MODE]] [--interleave N]
 
 Sizes: ``acdc`` is the ACDC protocol grid ``(Z, 128, 128)`` (spacing ``(s_z, 1.5, 1.5)``);
 ``paper`` is the paper's ``96 × 128 × 128`` grid: the same pair resampled to 1.5 mm isotropic
@@ -26,6 +26,10 @@ device given its work: per ADMM iteration one forward and one inverse spectral t
 writes for the v-, b- and momentum updates; per warp ``BYTES_PER_WARP`` field-sized transfers
 (warp, gradient, composition, safeguard), at the bandwidth of a large ``copy_`` measured here.
 The table gives our time as a multiple of that floor.
+
+``--interleave N`` (CPU) also times ``fast`` (batch 1) and demons alternately, N rounds each, and
+reports the ratio of their medians (JSON ``interleaved``): this VM drifts by ±20 % between runs,
+and alternation puts both methods in the same phase of it.
 
 ``--compile [MODE]`` adds, for every (size, preset, batch), a row timed with
 ``register(..., compile=MODE)`` (``torch.compile``; ``reduce-overhead`` replays CUDA graphs on a
@@ -218,6 +222,30 @@ def time_demons(fixed, moving, spacing, repeats: int) -> tuple[list[float], int]
     return times, mem
 
 
+def interleaved(fixed, moving, spacing, size_name: str, rounds: int) -> dict:
+    """``fast`` (l2, order 2, batch 1) and demons timed alternately on the CPU, ``rounds`` each
+    after one warm-up: a slow phase of the machine hits both, so their ratio is steadier than
+    that of two separate blocks of runs."""
+    from nadmm_torch.baselines import demons_register
+
+    def ours():
+        return nt.register(fixed, moving, spacing=spacing, preset="fast")
+
+    def demons():
+        return demons_register(fixed, moving, spacing)
+
+    times: dict[str, list[float]] = {"fast": [], "demons": []}
+    ours(), demons()
+    for _ in range(rounds):
+        for name, fn in (("fast", ours), ("demons", demons)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    fast_s, demons_s = statistics.median(times["fast"]), statistics.median(times["demons"])
+    return dict(size=size_name, rounds=rounds, fast_seconds=fast_s, demons_seconds=demons_s,
+                ratio=fast_s / demons_s, times=times)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", required=True)
@@ -231,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "data" / "acdc"))
     ap.add_argument("--patient", default="patient001")
     ap.add_argument("--no-demons", action="store_true")
+    ap.add_argument("--interleave", type=int, default=0, metavar="N",
+                    help="CPU: also time fast (batch 1) and demons alternately, N rounds, and "
+                    "report the ratio of their medians (drift cancels out)")
     ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                     help="also time torch.compile'd runs (optional mode, e.g. reduce-overhead)")
     args = ap.parse_args(argv)
@@ -249,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                    else f"{platform.processor() or platform.machine()}, "
                         f"{torch.get_num_threads()} threads")
     bw = bandwidth(device)
-    rows = []
+    rows, paired = [], []
     for size_name in args.sizes.split(","):
         fixed, moving, spacing = make_size(size_name, fixed0, moving0, spacing0)
         shape = tuple(fixed.shape[2:])
@@ -308,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{size_name} {shape} demons (again): median {demons_s:.3f} s/pair", flush=True)
             for r in size_rows:
                 r["demons_ratio"] = r["seconds_per_pair"] / demons_s
+            if device.type == "cpu" and args.interleave:
+                paired.append(interleaved(fixed, moving, spacing, size_name, args.interleave))
         rows += size_rows
 
     header = ("| size | method | batch | s / pair | pairs / s | peak MB | × demons | "
@@ -323,9 +356,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['seconds_per_pair']:.3f} | {r['pairs_per_second']:.1f} | "
             f"{r['peak_memory_mb']:.0f} | {fmt(r, 'demons_ratio', '.2f')} | "
             f"{fmt(r, 'floor_seconds_per_pair', '.4f')} | {fmt(r, 'floor_ratio', '.1f')} |")
+    for pr in paired:
+        lines.append(f"\nInterleaved, {pr['size']}: fast {pr['fast_seconds']:.3f} s, demons "
+                     f"{pr['demons_seconds']:.3f} s, ratio {pr['ratio']:.2f} "
+                     f"({pr['rounds']} rounds)")
     table = "\n".join(lines)
     print(table)
-    doc = dict(rows=rows, device=device_name, torch=torch.__version__, source=source,
+    doc = dict(rows=rows, interleaved=paired, device=device_name, torch=torch.__version__,
+               source=source,
                bandwidth_bytes_per_second=bw, date=time.strftime("%Y-%m-%d"),
                threads=torch.get_num_threads(), table=table)
     Path(args.json).write_text(json.dumps(doc, indent=1, default=list))

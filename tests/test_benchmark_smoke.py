@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +43,15 @@ def test_speed_benchmark_writes_its_table(tmp_path, capsys):
     assert doc["bandwidth_bytes_per_second"] > 0
     assert doc["table"].count("| 8x32x32 8×32×32 |") == 4
     assert "nadmm-fast-l2-o2" in capsys.readouterr().out
+
+
+def test_interleaved_timing_alternates_both_methods():
+    pytest.importorskip("SimpleITK")
+    speed = _load("speed")
+    from nadmm_torch.data.sample import load_sample
+
+    s = load_sample()
+    fixed, moving = s.fixed[..., 32:96, 32:96], s.moving[..., 32:96, 32:96]
+    out = speed.interleaved(fixed, moving, s.spacing, "crop", rounds=2)
+    assert out["rounds"] == 2 and len(out["times"]["fast"]) == len(out["times"]["demons"]) == 2
+    assert out["ratio"] == pytest.approx(out["fast_seconds"] / out["demons_seconds"])
