@@ -106,15 +106,7 @@ def per_level_search(record: dict, save, k: str, pairs, lam: float, theta: float
         lams, thetas = values(lam, lam_m), values(theta, theta_m)
         name = (f"{k}:per-level:lam={','.join(f'{v:.4g}' for v in lams)}:"
                 f"theta={','.join(f'{v:.4g}' for v in thetas)}:pairs={len(pairs)}")
-        if name not in record["configs"]:
-            result = evaluate(pairs, preset, data_term, int(order[1:]), lams, thetas)
-            record["configs"][name] = dict(result, lam=lams, theta=thetas)
-            save()
-        entry = record["configs"][name]
-        s = entry["summary"]
-        print(f"{name}: dice {s['dice_mean']:.4f} hd {s['hd_mean']:.2f} "
-              f"fold_max {s['fold_percent_max']:.4f}", flush=True)
-        return entry
+        return cached_evaluate(record, save, name, pairs, k, lams, thetas)
 
     def value(entry: dict) -> float:
         s = entry["summary"]
@@ -141,20 +133,25 @@ def per_level_search(record: dict, save, k: str, pairs, lam: float, theta: float
 
 def run_grid(record: dict, save, k: str, pairs, points) -> list[dict]:
     """Evaluate (λ, θ) points for configuration ``k`` (``preset-term-oN``), cached in record."""
-    preset, data_term, order = k.split("-")
-    entries = []
-    for lam, theta in points:
-        name = f"{k}:lam={lam:.4g}:theta={theta:.4g}"
-        if name not in record["configs"]:
-            result = evaluate(pairs, preset, data_term, int(order[1:]), lam, theta)
-            record["configs"][name] = dict(result, lam=lam, theta=theta)
-            save()
-        entry = record["configs"][name]
-        s = entry["summary"]
-        print(f"{name}: dice {s['dice_mean']:.4f} hd {s['hd_mean']:.2f} "
-              f"fold_max {s['fold_percent_max']:.4f} {s['seconds_mean']:.2f} s", flush=True)
-        entries.append(entry)
-    return entries
+    return [
+        cached_evaluate(record, save, f"{k}:lam={lam:.4g}:theta={theta:.4g}", pairs, k, lam, theta)
+        for lam, theta in points
+    ]
+
+
+def cached_evaluate(record: dict, save, name: str, pairs, k: str, lam, theta) -> dict:
+    """The record's entry ``name`` for configuration ``k`` at (λ, θ), evaluated (and saved) if
+    it is not there yet."""
+    if name not in record["configs"]:
+        preset, data_term, order = k.split("-")
+        result = evaluate(pairs, preset, data_term, int(order[1:]), lam, theta)
+        record["configs"][name] = dict(result, lam=lam, theta=theta)
+        save()
+    entry = record["configs"][name]
+    s = entry["summary"]
+    print(f"{name}: dice {s['dice_mean']:.4f} hd {s['hd_mean']:.2f} "
+          f"fold_max {s['fold_percent_max']:.4f}", flush=True)
+    return entry
 
 
 def extension(entries: list[dict]) -> list[tuple[float, float]]:
