@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="where to save the trained network's state dict")
     ap.add_argument("--load", default=None,
                     help="evaluate these saved weights (from --save) instead of training")
+    ap.add_argument("--refine-warps", default=None, metavar="W0,W1,W2",
+                    help="warps per pyramid level of the refinement (default: the preset's); a "
+                    "0 on the coarse levels starts the refinement finer, from the network's field")
     args = ap.parse_args(argv)
     args.lr = 1e-3 if args.lr is None else args.lr
     setup(args)
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
                     "train_ids": train_ids}, args.save)
     net.eval()
     nadmm = nt.NADMMRegistration(args.preset, data_term="l2", order=2)
+    refiner = nadmm if args.refine_warps is None else nt.NADMMRegistration(
+        args.preset, data_term="l2", order=2,
+        warps=tuple(int(w) for w in args.refine_warps.split(",")),
+    )  # fmt: skip
 
     def vm(p):
         return net(p.fixed, p.moving, p.spacing)
@@ -87,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "unregistered": unregistered,
         "VoxelMorph alone": vm,
         alone: lambda p: nadmm(p.fixed, p.moving, p.spacing),
-        "VoxelMorph + NADMM refinement": lambda p: nadmm(
+        "VoxelMorph + NADMM refinement": lambda p: refiner(
             p.fixed, p.moving, p.spacing, initial_displacement=vm(p)
         ),
     }
