@@ -23,6 +23,6 @@ python3 benchmarks/speed.py --json "$out/speed_cuda.json" --device "$device" --s
     --presets fast,paper --batch "$batch" --compile reduce-overhead --no-demons \
     2>&1 | tee "$out/speed.log" || rc=1
 python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda or compile or in_place" \
-    tests/test_compile.py tests/test_admm.py tests/test_validation.py tests/test_robustness.py \
+    tests/test_cuda.py tests/test_compile.py tests/test_admm.py tests/test_validation.py \
     2>&1 | tee "$out/tests.log" || rc=1
 exit $rc
