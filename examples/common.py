@@ -73,7 +73,8 @@ def split_ids(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``(training ids ⊂ tuning split, report ids)``; the report split is never trained on, and
     the validation pairs (:func:`validation_ids`) are not drawn for training."""
     tune, report = split(read_pairs(args.data))
-    pool = [p for p in tune if p not in set(validation_ids(args))]
+    held_out = set(validation_ids(args))
+    pool = [p for p in tune if p not in held_out]
     n = min(args.train_pairs, len(pool))
     train = sorted(random.Random(f"examples-{args.seed}").sample(pool, n))
     assert not set(train) & set(report)
