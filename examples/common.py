@@ -277,12 +277,18 @@ def write_json(path: str | Path, payload: dict, args: argparse.Namespace) -> Non
 
 
 def load_voxelmorph(path: str | Path, report_ids: Sequence[str]) -> tuple[nn.Module, list[str]]:
-    """The 3D VoxelMorph saved by ``voxelmorph_refine.py --save``, and the IDs it was trained
-    on; weights trained on any report pair are refused."""
-    from nadmm_torch.networks import VoxelMorph
+    """The 3D VoxelMorph saved by ``voxelmorph_refine.py --save`` (the package's or MONAI's),
+    and the IDs it was trained on; weights trained on any report pair are refused."""
+    from nadmm_torch.networks import MonaiNetwork, VoxelMorph
 
     ck = torch.load(path, map_location="cpu")
-    net = VoxelMorph(ndim=3, integration_steps=ck.get("integration_steps", 0))
+    steps = ck.get("integration_steps", 0)
+    if ck.get("network", "own") == "monai":
+        from monai.networks.nets import VoxelMorph as MonaiVoxelMorph
+
+        net = MonaiNetwork(MonaiVoxelMorph(spatial_dims=3, integration_steps=steps))
+    else:
+        net = VoxelMorph(ndim=3, integration_steps=steps)
     net.load_state_dict(ck["state_dict"])
     train_ids = list(ck.get("train_ids", []))
     overlap = sorted(set(train_ids) & set(report_ids))

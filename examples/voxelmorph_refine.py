@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """VoxelMorph trained on ACDC tuning pairs, then NADMM as test-time refinement.
 
-Network: :class:`nadmm_torch.networks.VoxelMorph`, this package's own implementation of
-VoxelMorph-1 (Balakrishnan et al. 2019; ``monai`` is not installed in this environment), in
-**3D on the protocol grid** ``Z × 128 × 128`` (padded internally to a multiple of 16 along z),
+Network (``--network``): ``own`` = :class:`nadmm_torch.networks.VoxelMorph`, the package's
+VoxelMorph-1 (Balakrishnan et al. 2019), or ``monai`` = ``monai.networks.nets.VoxelMorph`` at
+MONAI's defaults (the optional extra ``monai``) through :class:`nadmm_torch.networks.MonaiNetwork`;
+in **3D on the protocol grid** ``Z × 128 × 128`` (padded internally to a multiple of 16 along z),
 displacement output (no integration unless ``--integration-steps``). Trained with
 ``RegistrationLightningModule`` on a seeded subset of the **tuning** pairs: ``1 − local NCC²``
 (window 3 × 9 × 9) + ``smooth_weight ·`` spacing-aware diffusion smoothness + ``dice_weight ·``
@@ -46,7 +47,21 @@ from common import (  # noqa: E402  (sibling helper module of the examples)
 )
 
 import nadmm_torch as nt  # noqa: E402
-from nadmm_torch.networks import VoxelMorph  # noqa: E402
+from nadmm_torch.networks import MonaiNetwork, VoxelMorph  # noqa: E402
+
+NETWORK_NAMES = {
+    "own": "nadmm_torch.networks.VoxelMorph (VoxelMorph-1), 3D",
+    "monai": "monai.networks.nets.VoxelMorph (MONAI defaults) via MonaiNetwork, 3D",
+}
+
+
+def build_network(kind: str, integration_steps: int) -> torch.nn.Module:
+    """The 3D network to train: the package's VoxelMorph or MONAI's (``--network``)."""
+    if kind == "own":
+        return VoxelMorph(ndim=3, integration_steps=integration_steps)
+    from monai.networks.nets import VoxelMorph as MonaiVoxelMorph
+
+    return MonaiNetwork(MonaiVoxelMorph(spatial_dims=3, integration_steps=integration_steps))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dice-weight", type=float, default=1.0)
     ap.add_argument("--smooth-weight", type=float, default=1.0)
     ap.add_argument("--integration-steps", type=int, default=0)
+    ap.add_argument("--network", choices=("own", "monai"), default="own",
+                    help="own: nadmm_torch.networks.VoxelMorph; monai: monai.networks.nets."
+                    "VoxelMorph (needs the extra 'monai')")
     ap.add_argument("--save", default=str(RESULTS / "voxelmorph.pt"),
                     help="where to save the trained network's state dict")
     ap.add_argument("--load", default=None,
@@ -71,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         net, loaded_ids = load_voxelmorph(args.load, report_ids)
         train_info = {"loaded": args.load, "train_ids": loaded_ids}
     else:
-        net = VoxelMorph(ndim=3, integration_steps=args.integration_steps)
+        net = build_network(args.network, args.integration_steps)
         module = registration_module(net, args, smoothness_weight=args.smooth_weight)
         print(f"training VoxelMorph ({trainable_count(net)} parameters) on {len(train_ids)} "
               f"tuning pairs x {args.epochs} epochs", flush=True)
         train_info = train(module, args, train_ids)
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         torch.save({"state_dict": net.state_dict(), "integration_steps": args.integration_steps,
-                    "train_ids": train_ids}, args.save)
+                    "network": args.network, "train_ids": train_ids}, args.save)
     net.eval()
     nadmm = nt.NADMMRegistration(args.preset, data_term="l2", order=2)
     refiner = nadmm if args.refine_warps is None else nt.NADMMRegistration(
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json(
         args.json,
         {
-            "network": "nadmm_torch.networks.VoxelMorph (own VoxelMorph-1 implementation), 3D",
+            "network": NETWORK_NAMES[args.network],
             "train_ids": train_ids,
             "report_ids": report_ids,
             "training": train_info,

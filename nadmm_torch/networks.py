@@ -1,8 +1,7 @@
 """Learned registration networks: a compact VoxelMorph U-Net and network + NADMM refinement.
 
-``monai`` is not a dependency of this package (it is not installed in the project's
-environment), so :class:`VoxelMorph` is this package's own implementation of the standard
-VoxelMorph architecture (Balakrishnan et al., "An unsupervised learning model for deformable
+:class:`VoxelMorph` is a compact implementation of the standard VoxelMorph architecture
+(Balakrishnan et al., "An unsupervised learning model for deformable
 medical image registration", CVPR 2018 / IEEE TMI 2019), default = **VoxelMorph-1**: the
 moving and fixed images concatenated as 2 channels; encoder of 3×3(×3) convolutions with
 stride 2 and 16, 32, 32, 32 features; decoder of 32, 32, 32, 32 features, each followed by ×2
@@ -12,6 +11,11 @@ convolutions of 8 features at full resolution; LeakyReLU(0.2) after every convol
 starts near the identity). ``dec_features=(32, 32, 32, 32, 32, 16, 16)`` gives VoxelMorph-2.
 Optional scaling-and-squaring integration (``integration_steps > 0``) turns the output into a
 stationary velocity field whose exponential is the displacement (the diffeomorphic variant).
+It is kept beside MONAI's ``VoxelMorph`` because it needs no extra dependency, takes any
+spatial size (it pads internally) and has the ``(fixed, moving, spacing)`` signature of
+:class:`NetworkWithNADMM`. :class:`MonaiNetwork` gives any MONAI registration network
+(``net(moving, fixed) -> (warped, ddf)``) that signature: MONAI's ``ddf`` is in this package's
+displacement convention (voxel units, component ``i`` along axis ``i``, pull-back).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 
 from .ops.warp import compose
 
-__all__ = ["VoxelMorph", "NetworkWithNADMM", "integrate_velocity"]
+__all__ = ["VoxelMorph", "MonaiNetwork", "NetworkWithNADMM", "integrate_velocity"]
 
 
 def integrate_velocity(velocity: Tensor, steps: int) -> Tensor:
@@ -118,13 +122,7 @@ class VoxelMorph(nn.Module):
                 f"got {tuple(fixed.shape)} and {tuple(moving.shape)}"
             )
         shape = fixed.shape[2:]
-        m = 2**self.levels
-        pad = []
-        for n in reversed(shape):  # F.pad wants the last axis first
-            pad += [0, (-n) % m]
-        x = torch.cat([moving, fixed], dim=1)
-        if any(pad):
-            x = F.pad(x, pad, mode="replicate")
+        x = _pad_to_multiple(torch.cat([moving, fixed], dim=1), 2**self.levels)
         feats = [x]
         for block in self.encoder:
             x = block(x)
@@ -141,6 +139,38 @@ class VoxelMorph(nn.Module):
         if self.integration_steps:
             flow = integrate_velocity(flow, self.integration_steps)
         return flow
+
+
+def _pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
+    """Replicate-pad the spatial axes of ``(B, C, *S)`` up to multiples of ``multiple``."""
+    pad = []
+    for n in reversed(x.shape[2:]):  # F.pad wants the last axis first
+        pad += [0, (-n) % multiple]
+    return F.pad(x, pad, mode="replicate") if any(pad) else x
+
+
+class MonaiNetwork(nn.Module):
+    """A MONAI registration network (``net(moving, fixed) -> (warped, ddf)``, e.g.
+    ``monai.networks.nets.VoxelMorph``) with the ``(fixed, moving, spacing)`` signature.
+
+    Inputs are replicate-padded to multiples of ``multiple`` (the network's total downsampling)
+    and the ``ddf`` cropped back. Shapes: ``forward(fixed (B, 1, *S), moving (B, 1, *S),
+    spacing=None)`` → ``(B, ndim, *S)`` voxel units, pull-back; ``spacing`` is ignored.
+    """
+
+    def __init__(self, network: nn.Module, multiple: int = 16) -> None:
+        super().__init__()
+        if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+            raise ValueError(f"multiple: expected a positive integer, got {multiple!r}")
+        self.network = network
+        self.multiple = multiple
+
+    def forward(self, fixed: Tensor, moving: Tensor, spacing=None) -> Tensor:
+        shape = fixed.shape[2:]
+        out = self.network(_pad_to_multiple(moving, self.multiple),
+                           _pad_to_multiple(fixed, self.multiple))
+        ddf = out[1] if isinstance(out, (tuple, list)) else out
+        return ddf[(slice(None), slice(None), *(slice(0, n) for n in shape))]
 
 
 class NetworkWithNADMM(nn.Module):

@@ -68,3 +68,23 @@ def test_monai_network_feeds_the_layer_and_gets_gradients():
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and any(bool(g.abs().sum() > 0) for g in grads)
     assert layer.log_lam.grad is not None and bool(layer.log_lam.grad.abs().sum() > 0)
+
+
+def test_monai_network_adapter_pads_and_crops():
+    from monai.networks.nets import VoxelMorph
+
+    from nadmm_torch.networks import MonaiNetwork, NetworkWithNADMM
+
+    torch.manual_seed(0)
+    pair = load_sample()
+    fixed, moving = pair.fixed[..., 40:90, 30:100], pair.moving[..., 40:90, 30:100]  # 10 x 50 x 70
+    net = MonaiNetwork(VoxelMorph(spatial_dims=3, integration_steps=0), multiple=16)
+    d0 = net(fixed, moving)
+    assert d0.shape == (1, 3, *fixed.shape[2:])
+    model = NetworkWithNADMM(net, nt.NADMMRegistration("fast"))
+    with torch.no_grad():
+        d, init = model(fixed, moving, pair.spacing, return_initial=True)
+    torch.testing.assert_close(init, d0)
+    assert float(nt.fold_percent(d)[0]) == 0.0
+    with pytest.raises(ValueError, match="multiple"):
+        MonaiNetwork(net, multiple=0)
