@@ -6,6 +6,7 @@ Public API::
              compile=False, **overrides)
     warp(image, displacement, mode="bilinear" | "nearest")
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
+    tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
     losses.MSELoss / NCCLoss / DiceLoss / SmoothnessLoss / JacobianFoldLoss
     RegistrationLightningModule (nadmm_torch.lightning; imported on first use, since
@@ -21,6 +22,7 @@ from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
 from .ops.solver import Diagnostics, SolverConfig
 from .presets import PRESETS, preset_config
+from .tune import TunePair, load_settings, tune
 
 __version__ = "0.1.0"
 
@@ -49,5 +51,8 @@ __all__ = [
     "Diagnostics",
     "PRESETS",
     "preset_config",
+    "tune",
+    "TunePair",
+    "load_settings",
     "__version__",
 ]

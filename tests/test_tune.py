@@ -1,0 +1,100 @@
+"""Self-tuning (nadmm_torch.tune): the fitting loop on a known optimum, and real tuning."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import nadmm_torch as nt
+from nadmm_torch.data.sample import load_sample
+from nadmm_torch.tune import TunePair, fit, load_settings, tune
+
+
+class _Quadratic(nn.Module):
+    def __init__(self, start: float) -> None:
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor([start]))
+
+
+def _quadratic_loss(model, target):
+    return (model.x - target).pow(2).sum()
+
+
+def test_fit_finds_a_known_optimum_and_keeps_the_best():
+    model = _Quadratic(0.0)
+    items = [3.0, 3.0, 3.0]  # each item's loss has its minimum at 3
+
+    def score(m, t):
+        return -float(_quadratic_loss(m, t).detach())
+
+    history, best = fit(model, items, [3.0], _quadratic_loss, score, epochs=60, lr=0.1,
+                        patience=None, progress=False)
+    assert abs(float(model.x) - 3.0) < 0.05
+    assert history[best]["val_score"] == max(h["val_score"] for h in history)
+
+
+def test_fit_never_leaves_a_worse_state_than_the_start():
+    model = _Quadratic(3.0)  # already optimal: any step can only make it worse
+
+    def score(m, t):
+        return -float(_quadratic_loss(m, t).detach())
+
+    history, best = fit(model, [2.0], [3.0], _quadratic_loss, score, epochs=10, lr=0.5,
+                        patience=2, progress=False)
+    assert best == 0 and float(model.x) == 3.0
+    assert len(history) == 1 + 2  # the start and two epochs without improvement: early stop
+
+
+def _slices(n=3):
+    s = load_sample()
+    out = []
+    for z in range(1, 1 + n):
+        crop = (slice(None), slice(None), z, slice(32, 96), slice(32, 96))
+        out.append(TunePair(s.fixed[crop], s.moving[crop], (1.5, 1.5), s.fixed_labels[crop],
+                            s.moving_labels[crop], id=f"z{z}"))
+    return out
+
+
+def test_tune_improves_a_bad_start_and_saves_loadable_settings(tmp_path):
+    torch.manual_seed(0)
+    pairs = _slices(4)
+    result = tune(pairs, lam=0.003, warps=(4, 3, 0), val_pairs=1, epochs=2, lr=0.4,
+                  progress=False)
+    assert result.val_best > result.val_start + 0.02
+    path = result.save(tmp_path / "tuned.json")
+    kwargs = load_settings(path)
+    assert kwargs["preset"] == "fast" and len(kwargs["lam"]) == 3
+    p = pairs[0]
+    d_file = nt.register(p.fixed, p.moving, spacing=p.spacing, **kwargs)
+    model = nt.NADMMRegistration("fast", lam=kwargs["lam"], theta=kwargs["theta"],
+                                 warps=(4, 3, 0))
+    torch.testing.assert_close(d_file, model(p.fixed, p.moving, spacing=p.spacing))
+    assert json.loads(path.read_text())["tuning"]["best_epoch"] == result.best_epoch
+
+
+def test_tune_without_labels_runs_on_ncc():
+    pairs = [TunePair(p.fixed, p.moving, p.spacing) for p in _slices(2)]
+    result = tune(pairs, warps=(2, 2, 0), val_pairs=0, epochs=1, lr=0.1, progress=False)
+    assert len(result.history) == 2 and result.val_start < 0  # −loss
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(pairs=[]), "pairs"), (dict(pairs=[1]), "pairs\\[0\\]"),
+     (dict(learnable="momentum"), "learnable"), (dict(val_pairs=5), "val_pairs")],
+)
+def test_tune_rejects_bad_input(kwargs, match):
+    args = dict(pairs=_slices(2))
+    args.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        tune(args.pop("pairs"), progress=False, **args)
+
+
+def test_load_settings_rejects_other_files(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"preset": "fast"}')
+    with pytest.raises(ValueError, match="format"):
+        load_settings(bad)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_settings(tmp_path / "missing.json")
