@@ -22,7 +22,7 @@ from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
 from .ops.solver import Diagnostics, SolverConfig
 from .presets import PRESETS, preset_config
-from .tune import TunePair, load_settings, tune
+from .tuning import TunePair, load_settings, tune
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Self-tuning (nadmm_torch.tune): the fitting loop on a known optimum, and real tuning."""
+"""Self-tuning (nadmm_torch.tuning): the fitting loop on a known optimum, and real tuning."""
 
 import json
 
@@ -8,7 +8,7 @@ from torch import nn
 
 import nadmm_torch as nt
 from nadmm_torch.data.sample import load_sample
-from nadmm_torch.tune import TunePair, fit, load_settings, tune
+from nadmm_torch.tuning import TunePair, fit, load_settings, tune
 
 
 class _Quadratic(nn.Module):
