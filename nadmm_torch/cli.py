@@ -24,11 +24,22 @@ Cohort::
     nadmm-register --pairs pairs.csv -o OUTDIR
 
 with CSV columns ``fixed,moving[,fixed_labels,moving_labels][,id]`` (relative paths are taken
-from the CSV's folder) writes ``OUTDIR/<id>/`` per pair, then ``OUTDIR/summary.csv`` and
-``OUTDIR/summary.md``. Pairs whose ``summary.json`` exists are skipped (resumable).
+from the CSV's folder; UTF-8, with or without Excel's byte-order mark) writes ``OUTDIR/<id>/``
+per pair, then ``OUTDIR/summary.csv`` and ``OUTDIR/summary.md``. Without an ``id`` column a
+pair's id is derived from its inputs (``<moving>_to_<fixed>_<hash of the paths>``), so
+inserting or reordering rows keeps every id. The whole CSV is checked before any pair runs.
 
-Outputs appear all at once or not at all: files are written under a temporary folder and moved
-into place at the end; a failure or Ctrl-C removes them.
+Resuming: a pair is skipped only if its ``summary.json`` records the same inputs (path, size
+and SHA-256 of each file), the same result-defining settings and the same ``--plot``, and all
+its outputs are present; otherwise it is registered again (its folder's previous outputs stay
+until the new set is complete). ``--force`` registers every pair again.
+
+Outputs appear all at once or not at all: files are written under a hidden temporary folder,
+each is verified (complete gzip stream, every byte a NIfTI header announces, the image reads
+back), and the set is moved into place at the end, replacing the previous run's set as a whole
+(outputs it did not write again are removed; ``summary.json`` is moved last). A failure,
+Ctrl-C or SIGTERM removes the temporary folder; one left by a killed process is removed by the
+next run into that folder.
 """
 
 from __future__ import annotations
@@ -87,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
             "displacement.nii.gz (ITK displacement field, LPS mm, for "
             "sitk.DisplacementFieldTransform / antsApplyTransforms), "
             "jacobian_determinant.nii.gz, registration.png (--plot), summary.json. "
-            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels][,id]."
+            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels][,id] "
+            "(ids default to <moving>_to_<fixed>_<hash of the paths>); a pair is skipped only if "
+            "its stored result was made from the same input files (SHA-256) and settings, else "
+            "it is registered again. Every output is verified after writing and the output set "
+            "replaces the previous one as a whole."
         ),
     )
     p.add_argument("fixed", nargs="?", help="fixed (reference) image")
@@ -124,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "GPU); pays off over many pairs of one shape, the first pair per shape compiles",
     )
     p.add_argument(
-        "--force", action="store_true", help="cohort mode: redo pairs that are already finished"
+        "--force", action="store_true",
+        help="cohort mode: register every pair again, even those whose stored result was made "
+        "from the same inputs and settings (those are skipped otherwise)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")

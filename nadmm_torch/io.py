@@ -426,8 +426,13 @@ def write_image(
 
     ``image`` may be a tensor / array (see :func:`to_sitk`) or a ``sitk.Image`` (then
     ``geometry`` may be ``None``; if given, it is applied). The file is written under a
-    temporary folder in the destination folder and moved into place with ``os.replace``: the
-    destination is either untouched or complete.
+    temporary folder in the destination folder, verified (see :mod:`nadmm_torch.atomic`; the
+    image must also read back with its size and components) and moved into place with
+    ``os.replace``: the destination is either untouched or complete.
+
+    Raises:
+        OSError: the write failed or the written file is incomplete (a full disk, a file-size
+            limit), naming ``path``; nothing is left behind.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -563,6 +568,8 @@ def itk_to_displacement(
         p = Path(field)
         if not p.exists():
             raise FileNotFoundError(f"no such file: '{p}'")
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_data(p)
         try:
             field = sitk.ReadImage(str(p))
         except RuntimeError as exc:
