@@ -24,23 +24,35 @@ Cohort::
     nadmm-register --pairs pairs.csv -o OUTDIR
 
 with CSV columns ``fixed,moving[,fixed_labels,moving_labels][,id]`` (relative paths are taken
-from the CSV's folder) writes ``OUTDIR/<id>/`` per pair, then ``OUTDIR/summary.csv`` and
-``OUTDIR/summary.md``. Pairs whose ``summary.json`` exists are skipped (resumable).
+from the CSV's folder; UTF-8, with or without Excel's byte-order mark) writes ``OUTDIR/<id>/``
+per pair, then ``OUTDIR/summary.csv`` and ``OUTDIR/summary.md``. Without an ``id`` column a
+pair's id is derived from its inputs (``<moving>_to_<fixed>_<hash of the paths>``), so
+inserting or reordering rows keeps every id. The whole CSV is checked before any pair runs.
 
-Outputs appear all at once or not at all: files are written under a temporary folder and moved
-into place at the end; a failure or Ctrl-C removes them.
+Resuming: a pair is skipped only if its ``summary.json`` records the same inputs (path, size
+and SHA-256 of each file), the same result-defining settings and the same ``--plot``, and all
+its outputs are present; otherwise it is registered again (its folder's previous outputs stay
+until the new set is complete). ``--force`` registers every pair again.
+
+Outputs appear all at once or not at all: files are written under a hidden temporary folder,
+each is verified (complete gzip stream, every byte a NIfTI header announces, the image reads
+back), and the set is moved into place at the end, replacing the previous run's set as a whole
+(outputs it did not write again are removed; ``summary.json`` is moved last). A failure,
+Ctrl-C or SIGTERM removes the temporary folder; one left by a killed process is removed by the
+next run into that folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
 import platform
 import re
-import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -49,6 +61,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .atomic import Staging, clean_stale
 
 PROG = "nadmm-register"
 OUTPUT_FILES = (
@@ -59,6 +73,8 @@ OUTPUT_FILES = (
     "registration.png",
     "summary.json",
 )
+# Every name a run may write into a pair's folder: a new run removes those it did not write.
+_KNOWN_OUTPUTS = (*OUTPUT_FILES, "displacement.mha")
 
 
 class CLIError(Exception):
@@ -82,7 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
             "displacement.nii.gz (ITK displacement field, LPS mm, for "
             "sitk.DisplacementFieldTransform / antsApplyTransforms), "
             "jacobian_determinant.nii.gz, registration.png (--plot), summary.json. "
-            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels][,id]."
+            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels][,id] "
+            "(ids default to <moving>_to_<fixed>_<hash of the paths>); a pair is skipped only if "
+            "its stored result was made from the same input files (SHA-256) and settings, else "
+            "it is registered again. Every output is verified after writing and the output set "
+            "replaces the previous one as a whole."
         ),
     )
     p.add_argument("fixed", nargs="?", help="fixed (reference) image")
@@ -119,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "GPU); pays off over many pairs of one shape, the first pair per shape compiles",
     )
     p.add_argument(
-        "--force", action="store_true", help="cohort mode: redo pairs that are already finished"
+        "--force", action="store_true",
+        help="cohort mode: register every pair again, even those whose stored result was made "
+        "from the same inputs and settings (those are skipped otherwise)"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages")
     p.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
@@ -223,33 +245,6 @@ class _Log:
             tqdm.write(message, file=sys.stdout)
 
 
-class _Staging:
-    """Files for ``target`` are written into a hidden temporary folder beside it, then moved.
-
-    ``commit`` moves every file into ``target`` (``summary.json`` last); ``discard`` removes the
-    temporary folder. ``target`` is created only at commit time if it does not exist.
-    """
-
-    def __init__(self, target: Path) -> None:
-        self.target = Path(target)
-        base = self.target if self.target.is_dir() else self.target.parent
-        self.tmp = Path(tempfile.mkdtemp(prefix=".nadmm-tmp-", dir=base))
-
-    def path(self, name: str) -> Path:
-        return self.tmp / name
-
-    def commit(self) -> list[str]:
-        self.target.mkdir(exist_ok=True)
-        names = sorted(os.listdir(self.tmp), key=lambda n: n == "summary.json")
-        for name in names:
-            os.replace(self.tmp / name, self.target / name)
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        return names
-
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def _prepare_outdir(outdir: Path) -> bool:
     """Create ``outdir`` if needed and check it is writable; returns whether it was created."""
     if outdir.exists() and not outdir.is_dir():
@@ -270,6 +265,7 @@ def _prepare_outdir(outdir: Path) -> bool:
         os.rmdir(probe)
     except OSError as exc:
         raise CLIError(f"output directory '{outdir}' is not writable: {exc.strerror}") from None
+    clean_stale(outdir)  # staging folders of killed runs (their process is gone)
     return created
 
 
@@ -409,20 +405,33 @@ class _Ticker:
             self.thread.join()
 
 
+def _stage_image(staging, name: str, image, geometry) -> None:
+    from .io import write_image
+
+    write_image(image, geometry, staging.path(name))  # atomic and verified by itself
+    staging.written(name)
+
+
 def register_pair(
-    spec: PairSpec, target: Path, settings: Settings, log: _Log, show_progress: bool = True
+    spec: PairSpec, target: Path, settings: Settings, log: _Log, show_progress: bool = True,
+    resume_key: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Register one pair and write its outputs into ``target`` (all at once). Returns summary."""
+    """Register one pair and write its outputs into ``target`` (all at once). Returns summary.
+
+    ``resume_key`` (inputs' fingerprints and settings, see :func:`_resume_key`) is stored in
+    ``summary.json``; it is computed here if not given."""
     import torch
 
     import nadmm_torch
 
-    from .io import displacement_to_itk, write_image
+    from .io import displacement_to_itk
     from .ops.diff import jacobian_determinant
     from .ops.warp import warp, warp_labels
 
     t_start = time.perf_counter()
     device = _resolve_device(settings.device)
+    if resume_key is None:
+        resume_key = _resume_key(spec, settings)
     # Progress bars only on a terminal (None: tqdm disables itself on a non-TTY).
     bar = _stage_bar(6, None if show_progress else True, desc=f"{PROG} {spec.id or ''}".strip())
     try:
@@ -512,33 +521,33 @@ def register_pair(
 
         bar.set_postfix_str("writing")
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = _Staging(target)
-        try:
-            write_image(warped, fgeo, staging.path("warped.nii.gz"))
+        base = target if target.is_dir() else target.parent
+        with Staging(base, target=target) as staging:
+            _stage_image(staging, "warped.nii.gz", warped, fgeo)
             if wlab is not None:
-                write_image(wlab, fgeo, staging.path("warped_labels.nii.gz"))
+                _stage_image(staging, "warped_labels.nii.gz", wlab, fgeo)
             field = displacement_to_itk(disp, fgeo)
-            write_image(field, None, staging.path("displacement.nii.gz"))
+            _stage_image(staging, "displacement.nii.gz", field, None)
             if squeeze is not None:
                 # ITK's NIfTI reader loads a vector image with one slice as 2D (with 3
                 # components), which DisplacementFieldTransform then rejects; MetaImage keeps 3D.
-                write_image(field, None, staging.path("displacement.mha"))
+                _stage_image(staging, "displacement.mha", field, None)
                 log.info(
                     "single-slice volume: also writing displacement.mha (ITK reads a "
                     "one-slice vector NIfTI as 2D; use the .mha with SimpleITK/ANTs)"
                 )
-            write_image(detj[:, None], fgeo, staging.path("jacobian_determinant.nii.gz"))
+            _stage_image(staging, "jacobian_determinant.nii.gz", detj[:, None], fgeo)
             bar.update(1)
             if settings.plot:
                 bar.set_postfix_str("plotting")
                 from .viz import plot_registration
 
-                plot_registration(
+                staging.add("registration.png", lambda p: plot_registration(
                     fixed, moving, warped, disp,
                     fixed_labels=flab, warped_labels=wlab, moving_labels=mlab,
-                    spacing=fgeo.array_spacing, path=staging.path("registration.png"),
+                    spacing=fgeo.array_spacing, path=p,
                     title=f"{spec.moving.name} → {spec.fixed.name}",
-                )
+                ))
             bar.update(1)
             metrics["time_total_s"] = time.perf_counter() - t_start
             summary = {
@@ -553,20 +562,19 @@ def register_pair(
                 "fixed_geometry": fgeo.to_dict(),
                 "settings": {**settings.solver_kwargs(), "device": str(device)},
                 "metrics": metrics,
-                "outputs": sorted(os.listdir(staging.tmp)) + ["summary.json"],
+                "outputs": staging.names() + ["summary.json"],
                 "displacement_convention": (
                     "displacement.nii.gz: ITK displacement field on the fixed grid, vectors in "
                     "LPS mm; output(p) = moving(p + v(p)) (sitk.DisplacementFieldTransform, "
                     "antsApplyTransforms)"
                 ),
                 "versions": _versions(),
+                "resume_key": resume_key,
             }
-            with open(staging.path("summary.json"), "w") as fh:
-                json.dump(summary, fh, indent=2)
-            staging.commit()
-        except BaseException:
-            staging.discard()
-            raise
+            staging.add("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+            # The new set replaces the old one whole: outputs of a previous run that this one
+            # did not write (labels, plot) are removed; summary.json moves in last.
+            staging.commit(target, replaces=_KNOWN_OUTPUTS, last=("summary.json",))
         bar.update(1)
     finally:
         bar.close()
@@ -594,31 +602,92 @@ def _report(summary: dict[str, Any], target: Path, log: _Log) -> None:
 # --------------------------------------------------------------------------------------------
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_ID_MAX = 120
+_COHORT_FILES = ("summary.csv", "summary.md")  # what the cohort writes beside the pair folders
+_INPUTS = ("fixed", "moving", "fixed_labels", "moving_labels")
 
 
-def read_pairs(csv_path: Path) -> list[PairSpec]:
-    """Parse a pairs CSV (columns fixed, moving[, fixed_labels, moving_labels][, id])."""
+def _stem(path: Path) -> str:
+    name = path.name
+    if name.lower().endswith(".gz"):
+        name = name[:-3]
+    if "." in name[1:]:
+        name = name.rsplit(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:40] or "image"
+
+
+def derived_id(spec: PairSpec) -> str:
+    """The id of a pair without one: ``<moving stem>_to_<fixed stem>_<hash>``, the hash being
+    the first 8 hex digits of the SHA-1 of its four paths. It follows the inputs, not the row:
+    reordering or inserting rows keeps every pair's id (and so its stored result)."""
+    text = "\n".join(str(getattr(spec, k) or "") for k in _INPUTS)
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return f"{_stem(spec.moving)}_to_{_stem(spec.fixed)}_{digest}"
+
+
+def _check_id(pid: str, where: str) -> None:
+    if not _ID_RE.match(pid) or len(pid) > _ID_MAX:
+        raise CLIError(
+            f"{where}: id {pid!r} must be letters, digits, '.', '_' or '-', start with a letter"
+            f" or digit and have at most {_ID_MAX} characters (it names the pair's folder)"
+        )
+    if pid.lower() in _COHORT_FILES:
+        raise CLIError(
+            f"{where}: id {pid!r} is the name of a file the cohort writes"
+            f" ({', '.join(_COHORT_FILES)}); choose another id"
+        )
+
+
+def _csv_rows(csv_path: Path) -> list[tuple[int, dict[str, str]]]:
+    """``(line number, {column: value})`` of every data row; the header's names lower-cased."""
+    if csv_path.is_dir():
+        raise CLIError(f"pairs file '{csv_path}' is a directory; expected a CSV file")
     if not csv_path.is_file():
         raise CLIError(f"pairs file not found: '{csv_path}'")
-    base = csv_path.resolve().parent
+    rows = []
     try:
-        with open(csv_path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, part of no column name.
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            if header is None:
                 raise CLIError(f"pairs file '{csv_path}' is empty")
-            names = [(n or "").strip().lower() for n in reader.fieldnames]
+            names = [n.strip().lower() for n in header]
+            repeated = sorted({n for n in names if n and names.count(n) > 1})
+            if repeated:
+                raise CLIError(f"pairs file '{csv_path}' repeats column(s) {', '.join(repeated)}")
             missing = {"fixed", "moving"} - set(names)
             if missing:
                 raise CLIError(
                     f"pairs file '{csv_path}' lacks column(s) {', '.join(sorted(missing))}"
-                    " (expected fixed,moving[,fixed_labels,moving_labels][,id])"
+                    f" (header: {','.join(header)}; expected"
+                    " fixed,moving[,fixed_labels,moving_labels][,id])"
                 )
-            rows = [
-                {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
-                for row in reader
-            ]
+            for fields in reader:
+                if len(fields) > len(names) and any(f.strip() for f in fields[len(names):]):
+                    raise CLIError(
+                        f"pairs file '{csv_path}', line {reader.line_num}: {len(fields)} fields"
+                        f" but the header has {len(names)} columns; quote a value that holds"
+                        " a comma"
+                    )
+                rows.append((reader.line_num, {n: f.strip() for n, f in zip(names, fields) if n}))
     except UnicodeDecodeError:
-        raise CLIError(f"pairs file '{csv_path}' is not a text CSV file") from None
+        raise CLIError(f"pairs file '{csv_path}' is not a UTF-8 text CSV file") from None
+    except csv.Error as exc:
+        raise CLIError(f"pairs file '{csv_path}': {exc}") from None
+    except OSError as exc:
+        raise CLIError(f"cannot read pairs file '{csv_path}': {exc.strerror or exc}") from None
+    return rows
+
+
+def read_pairs(csv_path: Path) -> list[PairSpec]:
+    """Parse a pairs CSV (columns fixed, moving[, fixed_labels, moving_labels][, id]).
+
+    Every row is checked before anything runs: required values, the number of fields, ids
+    (given or :func:`derived_id`) that are valid folder names, unique (ignoring case) and not
+    a name the cohort itself writes. Errors name the file and line.
+    """
+    base = csv_path.resolve().parent if csv_path.is_file() else csv_path.parent
 
     def path(v: str) -> Path | None:
         if not v:
@@ -627,32 +696,88 @@ def read_pairs(csv_path: Path) -> list[PairSpec]:
         return p if p.is_absolute() else base / p
 
     specs: list[PairSpec] = []
-    seen: set[str] = set()
-    for i, row in enumerate(rows, start=1):
+    seen: dict[str, int] = {}
+    for line, row in _csv_rows(csv_path):
         if not any(row.values()):
             continue
+        where = f"pairs file '{csv_path}', line {line}"
         if not row.get("fixed") or not row.get("moving"):
-            raise CLIError(f"pairs file '{csv_path}', row {i}: fixed and moving are required")
-        pid = row.get("id") or f"pair{i:04d}"
-        if not _ID_RE.match(pid):
+            raise CLIError(f"{where}: fixed and moving are required")
+        spec = PairSpec(*(path(row.get(k, "")) for k in _INPUTS))
+        spec.id = row.get("id") or derived_id(spec)
+        _check_id(spec.id, where)
+        if spec.id.lower() in seen:
             raise CLIError(
-                f"pairs file '{csv_path}', row {i}: id {pid!r} must be letters, digits, . _ -"
+                f"{where}: duplicate id {spec.id!r} (line {seen[spec.id.lower()]} has it too"
+                + (")" if row.get("id") else "; the same pair twice)")
             )
-        if pid in seen:
-            raise CLIError(f"pairs file '{csv_path}': duplicate id {pid!r}")
-        seen.add(pid)
-        specs.append(
-            PairSpec(
-                fixed=path(row["fixed"]),
-                moving=path(row["moving"]),
-                fixed_labels=path(row.get("fixed_labels", "")),
-                moving_labels=path(row.get("moving_labels", "")),
-                id=pid,
-            )
-        )
+        seen[spec.id.lower()] = line
+        specs.append(spec)
     if not specs:
         raise CLIError(f"pairs file '{csv_path}' has no pairs")
     return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------
+
+
+def _fingerprint(path: Path | None, cache: dict[str, Any]) -> dict[str, Any] | None:
+    """Path, size and SHA-256 of an input file (``None`` for an absent optional input)."""
+    if path is None:
+        return None
+    key = str(path)
+    if key not in cache:
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+                    size += len(chunk)
+            cache[key] = {"path": key, "size": size, "sha256": digest.hexdigest()}
+        except OSError:
+            cache[key] = {"path": key, "unreadable": True}
+    return cache[key]
+
+
+def _resume_key(
+    spec: PairSpec, settings: Settings, cache: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a stored result must have been made from to be reused: each input's path, size and
+    SHA-256, the settings that define the result, and whether a plot was asked for. Returned
+    in the form it takes in ``summary.json`` (JSON round trip)."""
+    cache = {} if cache is None else cache
+    key = {
+        "inputs": {k: _fingerprint(getattr(spec, k), cache) for k in _INPUTS},
+        "settings": settings.solver_kwargs(execution=False),
+        "plot": bool(settings.plot),
+    }
+    return json.loads(json.dumps(key))
+
+
+def _stored_result(target: Path, key: dict[str, Any]) -> tuple[dict | None, str]:
+    """``(summary, "")`` if ``target`` holds a complete result made from ``key``'s inputs and
+    settings, else ``(None, why not)``."""
+    try:
+        summary = json.loads((target / "summary.json").read_text())
+    except FileNotFoundError:
+        return None, "not registered yet"
+    except (OSError, ValueError):
+        return None, "unreadable summary.json"
+    stored = summary.get("resume_key") if isinstance(summary, dict) else None
+    if not isinstance(stored, dict):
+        return None, "the stored result does not record what it was made from"
+    if stored.get("settings") != key["settings"] or stored.get("plot") != key["plot"]:
+        return None, "the settings differ from the stored result's"
+    old = stored.get("inputs") or {}
+    changed = [k for k in _INPUTS if old.get(k) != key["inputs"][k]]
+    if changed:
+        return None, f"input(s) changed since the stored result: {', '.join(changed)}"
+    missing = [n for n in summary.get("outputs", []) if not (target / n).is_file()]
+    if missing:
+        return None, f"output(s) missing: {', '.join(missing)}"
+    return summary, ""
 
 
 _CSV_FIELDS = (
@@ -689,45 +814,43 @@ def _mean_sd(values: list[float]) -> str:
 def _write_cohort_summary(
     outdir: Path, rows: list[dict], settings: Settings, device: str
 ) -> None:
-    staging = _Staging(outdir)
-    try:
-        with open(staging.path("summary.csv"), "w", newline="") as fh:
+    def write_csv(p: Path) -> None:
+        with open(p, "w", newline="", encoding="utf-8") as fh:
             w = csv.DictWriter(fh, fieldnames=_CSV_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        ok = [r for r in rows if r["status"] in ("done", "skipped")]
 
-        def col(key: str) -> list[float]:
-            return [float(r[key]) for r in ok if r[key] != ""]
+    ok = [r for r in rows if r["status"] in ("done", "skipped")]
 
-        lines = [
-            "# nadmm-register cohort summary",
-            "",
-            f"Settings: {json.dumps(settings.solver_kwargs())}, device {device}.",
-            f"Pairs: {len(rows)} ({len(ok)} finished, "
-            f"{sum(r['status'] == 'failed' for r in rows)} failed).",
-            "",
-            "| | Dice before | Dice after | % det J ≤ 0 | time (s) |",
-            "|---|---|---|---|---|",
-            f"| mean ± sd | {_mean_sd(col('dice_before'))} | {_mean_sd(col('dice_after'))} | "
-            f"{_mean_sd(col('fold_percent'))} | {_mean_sd(col('time_registration_s'))} |",
-            "",
-            "| id | status | Dice before | Dice after | % det J ≤ 0 | time (s) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in rows:
-            status = r["status"] + (f": {r['message']}" if r["message"] else "")
-            status = status.replace("|", "/")
-            lines.append(
-                f"| {r['id']} | {status} | {r['dice_before'] or '–'} | {r['dice_after'] or '–'} | "
-                f"{r['fold_percent'] or '–'} | {r['time_registration_s'] or '–'} |"
-            )
-        with open(staging.path("summary.md"), "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        staging.commit()
-    except BaseException:
-        staging.discard()
-        raise
+    def col(key: str) -> list[float]:
+        return [float(r[key]) for r in ok if r[key] != ""]
+
+    lines = [
+        "# nadmm-register cohort summary",
+        "",
+        f"Settings: {json.dumps(settings.solver_kwargs())}, device {device}.",
+        f"Pairs: {len(rows)} ({len(ok)} finished, "
+        f"{sum(r['status'] == 'failed' for r in rows)} failed).",
+        "",
+        "| | Dice before | Dice after | % det J ≤ 0 | time (s) |",
+        "|---|---|---|---|---|",
+        f"| mean ± sd | {_mean_sd(col('dice_before'))} | {_mean_sd(col('dice_after'))} | "
+        f"{_mean_sd(col('fold_percent'))} | {_mean_sd(col('time_registration_s'))} |",
+        "",
+        "| id | status | Dice before | Dice after | % det J ≤ 0 | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        status = r["status"] + (f": {r['message']}" if r["message"] else "")
+        status = status.replace("|", "/")
+        lines.append(
+            f"| {r['id']} | {status} | {r['dice_before'] or '–'} | {r['dice_after'] or '–'} | "
+            f"{r['fold_percent'] or '–'} | {r['time_registration_s'] or '–'} |"
+        )
+    with Staging(outdir) as staging:
+        staging.add("summary.csv", write_csv)
+        staging.add("summary.md", lambda p: p.write_text("\n".join(lines) + "\n", "utf-8"))
+        staging.commit(outdir)
 
 
 def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, force: bool) -> int:
@@ -741,21 +864,25 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
     failed = 0
     bar = tqdm(specs, desc=PROG, unit="pair", disable=True if log.quiet else None,
                file=sys.stderr)
+    hashes: dict[str, Any] = {}
     try:
         for spec in bar:
             bar.set_postfix_str(spec.id)
             target = outdir / spec.id
-            done = target / "summary.json"
-            if done.is_file() and not force:
-                try:
-                    with open(done) as fh:
-                        summary = json.load(fh)
+            if target.is_dir():
+                clean_stale(target)
+            key = _resume_key(spec, settings, hashes)
+            if not force:
+                summary, why = _stored_result(target, key)
+                if summary is not None:
                     rows.append(_row(spec, "skipped", summary, "already done"))
                     continue
-                except (OSError, json.JSONDecodeError):
-                    log.info(f"{spec.id}: unreadable summary.json, registering again")
+                if (target / "summary.json").exists():
+                    log.info(f"{spec.id}: {why}: registering again")
             try:
-                summary = register_pair(spec, target, settings, log, show_progress=False)
+                summary = register_pair(
+                    spec, target, settings, log, show_progress=False, resume_key=key
+                )
                 rows.append(_row(spec, "done", summary))
             except (CLIError, OSError, RuntimeError, ValueError) as exc:
                 failed += 1
@@ -844,8 +971,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the pair in flight is discarded, the cohort summarised."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit status (0 ok, 1 failure, 2 usage, 130 Ctrl-C)."""
+    """Console entry point; returns the exit status (0 ok, 1 failure, 2 usage, 130 Ctrl-C,
+    143 SIGTERM)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -854,11 +990,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except SystemExit as exc:  # --help / --version
         return int(exc.code or 0)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return _run(args)
     except CLIError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except _Terminated:
+        print(f"{PROG}: error: terminated; the pair in flight left no outputs", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted; the pair in flight left no outputs", file=sys.stderr)
         return 130

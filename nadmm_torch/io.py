@@ -16,15 +16,17 @@ that the field written by ``nadmm-register`` can be applied as-is by
 ``sitk.DisplacementFieldTransform`` or ``antsApplyTransforms``. TorchIO (``(C, W, H, D)``
 tensors, RAS affine) is bridged by :func:`to_torchio` / :func:`from_torchio`.
 
-All writes are atomic: files are written under a temporary folder next to the destination and
-moved into place with ``os.replace``; nothing half-written is left behind on failure.
+All writes are atomic and verified (:mod:`nadmm_torch.atomic`): files are written under a
+temporary folder next to the destination, checked (complete gzip stream, every byte a NIfTI
+header announces, the image reads back with its size), and only then moved into place with
+``os.replace``; nothing half-written is left behind on failure, and a writer that fails
+without raising (SimpleITK on a full disk) is caught.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from torch import Tensor
+
+from .atomic import Staging
 
 __all__ = [
     "Geometry",
@@ -228,12 +232,44 @@ def sitk_error_reason(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _check_nifti_data(p: Path) -> None:
+    """A NIfTI input must hold every voxel its header announces, and finite values in the
+    file's own data type. SimpleITK checks neither: a truncated ``.nii.gz`` reads as an image
+    padded with zeros, and a NaN voxel reads as 0. The raw data is read with NiBabel."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(p)
+    except Exception as exc:  # noqa: BLE001 - NiBabel raises many kinds on a bad header
+        raise ValueError(f"cannot read image '{p}': {_one_line(exc)}") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        return
+    try:
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+    except (EOFError, OSError, ValueError, zlib.error) as exc:
+        raise ValueError(
+            f"cannot read image '{p}': the file is truncated or corrupt ({_one_line(exc)})"
+        ) from None
+    if raw.dtype.kind in "fc":
+        bad = int(raw.size - np.count_nonzero(np.isfinite(raw)))
+        if bad:
+            raise ValueError(
+                f"'{p}' contains non-finite values (NaN or Inf) in {bad} of {raw.size} voxels"
+            )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def _read_sitk(path: str | os.PathLike) -> sitk.Image:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no such file: '{p}'")
     if p.is_dir():
         raise ValueError(f"'{p}' is a directory, not an image file")
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_data(p)
     try:
         image = sitk.ReadImage(str(p))
     except RuntimeError as exc:
@@ -263,7 +299,9 @@ def read_image(path: str | os.PathLike) -> tuple[Tensor, Geometry]:
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: unreadable / corrupt file, vector image, not 2D/3D, non-finite values.
+        ValueError: unreadable / corrupt / truncated file (NIfTI: checked against the size its
+            header announces), vector image, not 2D/3D, non-finite values (NIfTI: checked in
+            the file's own data type, where SimpleITK would read a NaN as 0).
     """
     image = _read_sitk(path)
     geometry = Geometry.from_sitk(image)
@@ -341,22 +379,40 @@ def to_sitk(image: Tensor | np.ndarray, geometry: Geometry) -> sitk.Image:
     return geometry.apply(out)
 
 
-class _AtomicFolder:
-    """Temporary folder next to ``folder``; files written there are moved in by ``commit``."""
+def _squeezed(size: Sequence[int]) -> tuple[int, ...]:
+    size = tuple(int(n) for n in size)
+    while len(size) > 1 and size[-1] == 1:
+        size = size[:-1]
+    return size
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.tmp = Path(tempfile.mkdtemp(prefix=".nadmm-tmp-", dir=self.folder))
 
-    def commit(self) -> None:
-        # Data files first, headers last (an .mhd header names its .raw by base name).
-        names = sorted(os.listdir(self.tmp), key=lambda n: n.endswith((".mhd", ".hdr")))
-        for name in names:
-            os.replace(self.tmp / name, self.folder / name)
-        self.discard()
+def _check_written(out: sitk.Image) -> Any:
+    """A check for :class:`~nadmm_torch.atomic.Staging`: the file read back has ``out``'s size
+    and components (NIfTI: header only, its payload size is checked by ``verify_file``; other
+    formats: a full read, which fails on truncated data)."""
 
-    def discard(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+    def check(p: Path) -> None:
+        try:
+            if p.name.lower().endswith((".nii", ".nii.gz")):
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(p))
+                reader.ReadImageInformation()
+                size, comps = reader.GetSize(), reader.GetNumberOfComponents()
+            else:
+                back = sitk.ReadImage(str(p))
+                size, comps = back.GetSize(), back.GetNumberOfComponentsPerPixel()
+        except RuntimeError as exc:
+            reason = sitk_error_reason(exc)
+            raise OSError(f"the written file does not read back: {reason}") from None
+        # Trailing singleton axes may be dropped (ITK reads a one-slice vector NIfTI as 2D).
+        got, want = _squeezed(size), _squeezed(out.GetSize())
+        if got != want or comps != out.GetNumberOfComponentsPerPixel():
+            raise OSError(
+                f"the written file reads back as size {tuple(size)} with {comps} component(s),"
+                f" not {tuple(out.GetSize())} with {out.GetNumberOfComponentsPerPixel()}"
+            )
+
+    return check
 
 
 def write_image(
@@ -370,8 +426,13 @@ def write_image(
 
     ``image`` may be a tensor / array (see :func:`to_sitk`) or a ``sitk.Image`` (then
     ``geometry`` may be ``None``; if given, it is applied). The file is written under a
-    temporary folder in the destination folder and moved into place with ``os.replace``: the
-    destination is either untouched or complete.
+    temporary folder in the destination folder, verified (see :mod:`nadmm_torch.atomic`; the
+    image must also read back with its size and components) and moved into place with
+    ``os.replace``: the destination is either untouched or complete.
+
+    Raises:
+        OSError: the write failed or the written file is incomplete (a full disk, a file-size
+            limit), naming ``path``; nothing is left behind.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -384,18 +445,19 @@ def write_image(
             raise ValueError("write_image: a geometry is needed to write a tensor")
         out = to_sitk(image, geometry)
     try:
-        staging = _AtomicFolder(folder)
+        staging = Staging(folder)
     except OSError as exc:
         raise PermissionError(f"cannot write to '{folder}': {exc.strerror}") from None
-    try:
-        sitk.WriteImage(out, str(staging.tmp / path.name), compress)
-        staging.commit()
-    except RuntimeError as exc:
-        staging.discard()
-        raise OSError(f"cannot write '{path}': {sitk_error_reason(exc)}") from None
-    except BaseException:
-        staging.discard()
-        raise
+
+    def write(p: Path) -> None:
+        try:
+            sitk.WriteImage(out, str(p), compress)
+        except RuntimeError as exc:
+            raise OSError(f"cannot write '{path}': {sitk_error_reason(exc)}") from None
+
+    with staging:  # a header format's data file (.raw, .img) is verified by commit
+        staging.add(path.name, write, _check_written(out))
+        staging.commit(folder)
     return path
 
 
@@ -506,6 +568,8 @@ def itk_to_displacement(
         p = Path(field)
         if not p.exists():
             raise FileNotFoundError(f"no such file: '{p}'")
+        if p.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_data(p)
         try:
             field = sitk.ReadImage(str(p))
         except RuntimeError as exc:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from .atomic import atomic_write
 from .losses import DiceLoss, JacobianFoldLoss, MSELoss, NCCLoss, SmoothnessLoss, warp_onehot
 from .metrics import dice as dice_score
 from .metrics import fold_percent
@@ -265,19 +264,6 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temporary file in the same folder and ``os.replace`` (atomic on POSIX)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _safe_id(pair_id: str) -> str:
     if not pair_id or "/" in pair_id or "\\" in pair_id or pair_id.startswith("."):
         raise ValueError(f"pair_id {pair_id!r} cannot be used as a file name")
@@ -304,7 +290,7 @@ class CohortWriter(BasePredictionWriter):
             disp = rec.pop("displacement", None)
             pid = _safe_id(rec["pair_id"])
             if self.save_displacement and disp is not None:
-                _atomic_write(
+                atomic_write(
                     self.outdir / f"{pid}_displacement.pt", lambda p, t=disp: torch.save(t, p)
                 )
             text = json.dumps({k: _json_safe(v) for k, v in rec.items()}, indent=1)
@@ -313,7 +299,7 @@ class CohortWriter(BasePredictionWriter):
                 with open(p, "w") as f:
                     f.write(text + "\n")
 
-            _atomic_write(self.outdir / f"{pid}.json", write_json)
+            atomic_write(self.outdir / f"{pid}.json", write_json)
 
 
 def register_cohort(
