@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .atomic import atomic_write
 from .losses import DiceLoss, NCCLoss, SmoothnessLoss, warp_onehot
 from .metrics import dice
 from .module import NADMMRegistration
@@ -68,14 +69,10 @@ class TuneResult:
 
     def save(self, path: str | Path) -> Path:
         """Write the settings file (JSON) atomically; returns its path."""
-        path = Path(path)
         doc = {**self.settings, "tuning": {k: v for k, v in asdict(self).items()
                                            if k != "settings"}}
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        json.loads(tmp.read_text())  # what was written reads back
-        tmp.replace(path)
-        return path
+        text = json.dumps(doc, indent=1) + "\n"
+        return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def load_settings(path: str | Path) -> dict:
