@@ -5,6 +5,8 @@ Public API::
     register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2,
              compile=False, **overrides)
     warp(image, displacement, mode="bilinear" | "nearest")
+    affine(fixed, moving, *, spacing=None, similarity="ncc" | "mi", ...) -> A (B, ndim, ndim+1)
+    affine_to_displacement(A, shape)
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
     losses.MSELoss / NCCLoss / DiceLoss / SmoothnessLoss / JacobianFoldLoss
@@ -16,7 +18,7 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 """
 
 from . import losses, metrics
-from .api import register, warp
+from .api import affine, affine_to_displacement, register, warp
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
 from .ops.solver import Diagnostics, SolverConfig
@@ -38,6 +40,8 @@ __all__ = [
     "NADMMRegistration",
     "register",
     "warp",
+    "affine",
+    "affine_to_displacement",
     "metrics",
     "losses",
     "RegistrationLightningModule",
