@@ -1,12 +1,16 @@
 """The affine stage: coordinates, known-answer recovery, batching, gradients, validation."""
 
+import json
 import math
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 import nadmm_torch as nt
 from nadmm_torch.data import load_sample
+from nadmm_torch.io import Geometry, itk_to_affine, to_sitk, write_affine, write_image
 from nadmm_torch.ops.affine import (
     affine_to_displacement,
     inside_mask,
@@ -217,6 +221,109 @@ def test_gradient_through_the_optimum_matches_finite_differences():
     # Without grad, the same values and no graph.
     torch.testing.assert_close(A.detach(), nt.affine(fixed, moving, **kw))
     assert not nt.affine(fixed, moving, **kw).requires_grad
+
+
+# -- ITK transform files ----------------------------------------------------------------------
+
+
+def _geometry(shape, spacing, degrees, origin):
+    n = len(shape)
+    a = math.radians(degrees)
+    direction = np.eye(n)
+    direction[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
+    return Geometry(
+        size=tuple(reversed(shape)), spacing=tuple(reversed(spacing)),
+        origin=tuple(origin[:n]), direction=tuple(direction.ravel().tolist()),
+    )
+
+
+@pytest.mark.parametrize("shape", [(20, 24), (12, 14, 16)])
+def test_itk_transform_file_resamples_like_our_warp(tmp_path, shape):
+    """``sitk.Resample`` with the written transform = our warp with the affine displacement."""
+    n = len(shape)
+    fixed_geo = _geometry(shape, (1.5, 1.0, 0.8)[:n], 20.0, (3.0, -7.0, 11.0))
+    moving_shape = tuple(m + 2 for m in shape)
+    moving_geo = _geometry(moving_shape, (1.2, 0.9, 1.1)[:n], -10.0, (-2.0, 4.0, 1.0))
+    moving = _blobs(moving_shape, seed=4).double()
+    g = torch.Generator().manual_seed(5)
+    A = torch.cat([torch.eye(n), torch.zeros(n, 1)], 1)[None].double()
+    A = A + 0.05 * torch.randn(A.shape, generator=g, dtype=torch.float64)
+    A[:, :, n] += 1.0
+    path = write_affine(A, fixed_geo, tmp_path / "affine.tfm", moving=moving_geo)
+    transform = sitk.ReadTransform(str(path))
+    out = sitk.Resample(to_sitk(moving, moving_geo), fixed_geo.reference_image(), transform,
+                        sitk.sitkLinear, 0.0, sitk.sitkFloat64)
+    theirs = torch.from_numpy(sitk.GetArrayFromImage(out))
+    # Our warp of the moving grid: sample the moving image at A x (its own voxel indices).
+    x = identity_grid(shape, torch.float64, torch.device("cpu")).flatten(1)
+    y = A[:, :, :n] @ x + A[:, :, n:]
+    ours = sample(moving, y).view(shape)
+    upper = torch.tensor(moving_shape, dtype=torch.float64)[None, :, None] - 1
+    inside = ((y > 0.01) & (y < upper - 0.01)).all(1).view(shape)
+    assert inside.float().mean() > 0.5
+    torch.testing.assert_close(theirs[inside], ours[inside], rtol=0, atol=1e-6)
+    # And back: the file read into voxel coordinates is A.
+    torch.testing.assert_close(itk_to_affine(path, fixed_geo, moving_geo), A)
+    # Same grid: the displacement of nadmm_torch.warp.
+    if n == 2:
+        same = write_affine(A, fixed_geo, tmp_path / "same.tfm")
+        img = _blobs(shape, seed=6).double()
+        out = sitk.Resample(to_sitk(img, fixed_geo), fixed_geo.reference_image(),
+                            sitk.ReadTransform(str(same)), sitk.sitkLinear, 0.0,
+                            sitk.sitkFloat64)
+        warped = nt.warp(img, nt.affine_to_displacement(A, shape))[0, 0]
+        inside = inside_mask(A, shape, margin=0.01)[0, 0].bool()
+        torch.testing.assert_close(torch.from_numpy(sitk.GetArrayFromImage(out))[inside],
+                                   warped[inside], rtol=0, atol=1e-6)
+
+
+def test_write_affine_refuses_a_wrong_matrix(tmp_path):
+    geo = _geometry((10, 12), (1.0, 1.0), 0.0, (0.0, 0.0))
+    with pytest.raises(ValueError, match="A: expected"):
+        write_affine(torch.zeros(1, 3, 4), geo, tmp_path / "a.tfm")
+    with pytest.raises(FileNotFoundError, match="folder"):
+        write_affine(torch.zeros(1, 2, 3), geo, tmp_path / "missing" / "a.tfm")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("one_slice", [False, True])
+def test_cli_affine_writes_a_transform_that_sitk_applies(tmp_path, one_slice):
+    """``nadmm-register --affine``: affine.tfm resamples the moving image as our output does."""
+    from nadmm_torch import cli
+
+    fixed, spacing = _slice()
+    fixed = fixed[:, :, 16:112, 8:120].contiguous()  # 96 x 112, non-square
+    shape = tuple(fixed.shape[2:])
+    A_true = _known_affine(2, shape, degrees=5.0, shift=(2.0, -3.0))
+    moving = _moving_for(fixed, A_true)
+    if one_slice:  # a 2D image stored as a one-slice volume is registered in 2D
+        geo = _geometry((1, *shape), (8.0, *spacing), 30.0, (5.0, -3.0, 2.0))
+        fixed, moving = fixed[:, :, None], moving[:, :, None]
+    else:
+        geo = _geometry(shape, spacing, 30.0, (5.0, -3.0))
+    write_image(fixed, geo, tmp_path / "fixed.nii.gz")
+    write_image(moving, geo, tmp_path / "moving.nii.gz")
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "-o", str(out),
+            "--affine", "-q", "--set", "warps=0"]  # no deformable step: the affine alone
+    assert cli.main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "affine.tfm" in summary["outputs"] and summary["settings"]["affine"] == "ncc"
+    transform = sitk.ReadTransform(str(out / "affine.tfm"))
+    moving_img = sitk.ReadImage(str(tmp_path / "moving.nii.gz"), sitk.sitkFloat64)
+    fixed_img = sitk.ReadImage(str(tmp_path / "fixed.nii.gz"))
+    theirs = sitk.GetArrayFromImage(
+        sitk.Resample(moving_img, fixed_img, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat64)
+    ).squeeze()
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))).squeeze()
+    inside = inside_mask(A_true, shape, margin=2)[0, 0].numpy().astype(bool)
+    np.testing.assert_allclose(theirs[inside], ours[inside], rtol=0, atol=1e-4)
+    # The transform is the known one (to the registration's accuracy), in voxel terms.
+    A = itk_to_affine(transform, geo)
+    if one_slice:
+        torch.testing.assert_close(A[0, 0], torch.tensor([1.0, 0, 0, 0], dtype=A.dtype))
+        A = A[:, 1:, 1:]
+    assert _error(A, A_true, shape) < 0.1
 
 
 # -- validation --------------------------------------------------------------------------------
