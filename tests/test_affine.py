@@ -223,6 +223,21 @@ def test_gradient_through_the_optimum_matches_finite_differences():
     assert not nt.affine(fixed, moving, **kw).requires_grad
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("similarity", ["ncc", "mi"])
+def test_cuda_matches_cpu(similarity):
+    fixed, spacing = _slice()
+    A_true = _known_affine(2, fixed.shape[2:])
+    moving = _moving_for(fixed, A_true)
+    A_cpu = nt.affine(fixed, moving, spacing=spacing, similarity=similarity)
+    A_gpu = nt.affine(fixed.cuda(), moving.cuda(), spacing=spacing, similarity=similarity)
+    assert A_gpu.device.type == "cuda"
+    assert _error(A_gpu.cpu(), A_true, fixed.shape[2:]) < 0.1
+    d = nt.affine_to_displacement(A_gpu.cpu().double(), fixed.shape[2:])
+    d_cpu = nt.affine_to_displacement(A_cpu.double(), fixed.shape[2:])
+    assert (d - d_cpu).norm(dim=1).mean() < 0.05
+
+
 # -- ITK transform files ----------------------------------------------------------------------
 
 
@@ -324,6 +339,16 @@ def test_cli_affine_writes_a_transform_that_sitk_applies(tmp_path, one_slice):
         torch.testing.assert_close(A[0, 0], torch.tensor([1.0, 0, 0, 0], dtype=A.dtype))
         A = A[:, 1:, 1:]
     assert _error(A, A_true, shape) < 0.1
+
+
+def test_register_with_affine_is_differentiable():
+    fixed = _blobs((24, 24), n=6, seed=7)
+    moving = _moving_for(fixed, _known_affine(2, (24, 24), degrees=4.0, shift=(1.0, -1.0)))
+    moving = moving.clone().requires_grad_(True)
+    d = nt.register(fixed, moving, affine=True, iterations=2, warps=1)
+    assert d.requires_grad
+    (grad,) = torch.autograd.grad(d.pow(2).sum(), moving)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 # -- validation --------------------------------------------------------------------------------
