@@ -115,11 +115,12 @@ def affine(
     ``similarity``: ``"ncc"`` (global normalised cross-correlation, for images of one contrast)
     or ``"mi"`` (mutual information, 32-bin Parzen histogram, for intensities that differ).
     Intensities are scaled robustly per image (0.5 / 99.5 percentiles), so raw scanner values
-    and hot voxels are fine. ``levels``, ``iterations`` (most BFGS steps per level, coarse →
-    fine; default 50, …, 50, 30, 20), ``max_step`` (largest parameter change per step, relative to the image half-extent:
-    0.05 is 5 %, or about 3°) and ``init`` (``"com"``:
-    start from the translation aligning the intensity centroids; ``"identity"``) tune the
-    pyramid optimiser (:func:`nadmm_torch.ops.affine.affine_register`).
+    and hot voxels are fine. The pyramid optimiser
+    (:func:`nadmm_torch.ops.affine.affine_register`) is tuned by ``levels``, ``iterations``
+    (most BFGS steps per level, coarse → fine; default 50, …, 50, 30, 20), ``max_step``
+    (largest parameter change per step relative to the image half-extent: 0.05 is 5 %, or
+    about 3°) and ``init`` (``"com"``: start from the translation aligning the intensity
+    centroids; ``"identity"``).
 
     Differentiable: if an image requires grad, ``A`` carries the gradient of the optimum
     (implicit function theorem); otherwise no graph is built.
