@@ -5,6 +5,8 @@ Public API::
     register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2,
              compile=False, **overrides)
     warp(image, displacement, mode="bilinear" | "nearest")
+    affine(fixed, moving, *, spacing=None, similarity="ncc" | "mi", ...) -> A (B, ndim, ndim+1)
+    affine_to_displacement(A, shape)
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
@@ -17,7 +19,7 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 """
 
 from . import losses, metrics
-from .api import register, warp
+from .api import affine, affine_to_displacement, register, warp
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
 from .ops.solver import Diagnostics, SolverConfig
@@ -40,6 +42,8 @@ __all__ = [
     "NADMMRegistration",
     "register",
     "warp",
+    "affine",
+    "affine_to_displacement",
     "metrics",
     "losses",
     "RegistrationLightningModule",

@@ -329,3 +329,45 @@ def check_module_device(x: Tensor, module: torch.nn.Module, name: str) -> None:
                 f"module with .to({str(x.device)!r}) or the input to {p.device}"
             )
         return  # they all move together with .to(); the first one tells
+
+
+# -- affine stage -----------------------------------------------------------------------------
+
+
+def check_affine_options(
+    similarity: object, levels: object, iterations: object, max_step: object, init: object,
+    similarities: Sequence[str],
+) -> tuple[int, tuple[int, ...], float]:
+    """The settings of ``affine``: returns ``(levels, iterations per level, max_step)``."""
+    check_choice(similarity, "similarity", tuple(similarities))
+    levels = _check_int(levels, "levels", 1)
+    if iterations is None:
+        its = ((50,) * max(levels - 2, 0) + (30, 20))[-levels:]
+    elif isinstance(iterations, Sequence) and not isinstance(iterations, (str, bytes)):
+        its = tuple(_check_int(v, "iterations (per level)", 0) for v in iterations)
+        if len(its) != levels:
+            raise ValueError(
+                f"iterations: expected one value or {levels} (one per level), got {len(its)}"
+            )
+    else:
+        its = (_check_int(iterations, "iterations", 0),) * levels
+    max_step = _check_positive(max_step, "max_step")
+    check_choice(init, "init", ("com", "identity"))
+    return levels, its, max_step
+
+
+def check_affine_matrix(A: object, name: str, ndim: int, like: Tensor | None = None) -> Tensor:
+    """``(B, ndim, ndim + 1)`` floating and finite (batch and device of ``like`` if given)."""
+    A = check_tensor(A, name)
+    if A.dim() != 3 or tuple(A.shape[1:]) != (ndim, ndim + 1):
+        raise ValueError(
+            f"{name}: expected a (B, {ndim}, {ndim + 1}) affine matrix, got shape {tuple(A.shape)}"
+        )
+    if not A.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {A.dtype}")
+    if like is not None:
+        if A.shape[0] != like.shape[0]:
+            raise ValueError(f"{name}: batch size {A.shape[0]}, the images have {like.shape[0]}")
+        check_same_device(A, like.device, name, "the image")
+    check_finite(A, name)
+    return A

@@ -12,6 +12,8 @@ writes into ``OUTDIR``:
   that ``sitk.DisplacementFieldTransform`` and ``antsApplyTransforms`` apply as-is to the
   *original* moving image;
 * ``jacobian_determinant.nii.gz`` — ``det(I + ∇d)`` per voxel;
+* ``affine.tfm`` — with ``--affine``: the affine stage's transform (ITK text format, fixed →
+  moving physical points) that SimpleITK and ANTs read; the displacement includes it;
 * ``registration.png`` with ``--plot``;
 * ``summary.json`` — settings, metrics (Dice before/after with both label maps, % det J ≤ 0,
   time), versions. Written last: its presence means the pair is complete.
@@ -70,6 +72,7 @@ OUTPUT_FILES = (
     "warped_labels.nii.gz",
     "displacement.nii.gz",
     "jacobian_determinant.nii.gz",
+    "affine.tfm",
     "registration.png",
     "summary.json",
 )
@@ -126,6 +129,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="any other solver setting, e.g. --set iterations=5 --set warps=3 (repeatable)",
+    )
+    p.add_argument(
+        "--affine",
+        nargs="?",
+        const="ncc",
+        default=None,
+        choices=("ncc", "mi"),
+        metavar="SIMILARITY",
+        help="align affinely first (nadmm_torch.affine), with ncc (default) or mi (mutual "
+        "information, for differing contrasts); also writes affine.tfm (ITK transform)",
     )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--plot", action="store_true", help="also write registration.png")
@@ -294,6 +307,7 @@ class Settings:
     device: str = "auto"
     plot: bool = False
     compile: bool | str = False
+    affine: str | None = None
 
     def solver_kwargs(self, execution: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``register``; ``execution=False`` leaves out how it runs
@@ -472,12 +486,21 @@ def register_pair(
         t0 = time.perf_counter()
         try:
             with _Ticker(bar):
+                A = None
+                if settings.affine is not None:
+                    A = nadmm_torch.affine(f_dev, m_dev, spacing=spacing,
+                                           similarity=settings.affine)
+                    kwargs["initial_displacement"] = nadmm_torch.affine_to_displacement(
+                        A, f_dev.shape[2:]
+                    )
                 disp = register(f_dev, m_dev, spacing=spacing, **kwargs)
         except (ValueError, TypeError) as exc:
             raise CLIError(f"registration settings: {_one_line(exc)}") from None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t_reg = time.perf_counter() - t0
+        if A is not None:
+            A = _full_affine(A.detach().cpu().double(), squeeze, fgeo.ndim)
         if isinstance(disp, tuple):
             disp = disp[0]
         disp = disp.detach().to("cpu", torch.float32)
@@ -537,6 +560,11 @@ def register_pair(
                     "one-slice vector NIfTI as 2D; use the .mha with SimpleITK/ANTs)"
                 )
             _stage_image(staging, "jacobian_determinant.nii.gz", detj[:, None], fgeo)
+            if A is not None:
+                from .io import write_affine
+
+                staging.add("affine.tfm", lambda p: write_affine(A, fgeo, p))
+                metrics["affine_voxel_matrix"] = A[0].tolist()
             bar.update(1)
             if settings.plot:
                 bar.set_postfix_str("plotting")
@@ -560,7 +588,8 @@ def register_pair(
                 },
                 "moving_resampled_to_fixed_grid": resampled,
                 "fixed_geometry": fgeo.to_dict(),
-                "settings": {**settings.solver_kwargs(), "device": str(device)},
+                "settings": {**settings.solver_kwargs(), "device": str(device),
+                             "affine": settings.affine},
                 "metrics": metrics,
                 "outputs": staging.names() + ["summary.json"],
                 "displacement_convention": (
@@ -579,6 +608,22 @@ def register_pair(
     finally:
         bar.close()
     return summary
+
+
+def _full_affine(A, squeeze: int | None, ndim: int):
+    """The affine ``(1, n, n + 1)`` on the file's grid: a 2D affine of a one-slice volume gets
+    the identity along the slice axis."""
+    if squeeze is None:
+        return A
+    import torch
+
+    kept = [i for i in range(ndim) if i != squeeze]
+    full = torch.zeros(1, ndim, ndim + 1, dtype=A.dtype)
+    full[0, squeeze, squeeze] = 1.0
+    for r, i in enumerate(kept):
+        full[0, i, kept] = A[0, r, :-1]
+        full[0, i, ndim] = A[0, r, -1]
+    return full
 
 
 def _report(summary: dict[str, Any], target: Path, log: _Log) -> None:
@@ -751,6 +796,7 @@ def _resume_key(
     key = {
         "inputs": {k: _fingerprint(getattr(spec, k), cache) for k in _INPUTS},
         "settings": settings.solver_kwargs(execution=False),
+        "affine": settings.affine,
         "plot": bool(settings.plot),
     }
     return json.loads(json.dumps(key))
@@ -931,6 +977,7 @@ def _run(args: argparse.Namespace) -> int:
         device=args.device,
         plot=args.plot,
         compile=args.compile,
+        affine=args.affine,
     )
     log = _Log(args.quiet)
     outdir = Path(args.outdir).expanduser()

@@ -37,7 +37,7 @@ import SimpleITK as sitk
 import torch
 from torch import Tensor
 
-from .atomic import Staging
+from .atomic import Staging, atomic_write
 
 __all__ = [
     "Geometry",
@@ -47,6 +47,9 @@ __all__ = [
     "resample_to",
     "displacement_to_itk",
     "itk_to_displacement",
+    "affine_to_itk",
+    "itk_to_affine",
+    "write_affine",
     "to_sitk",
     "to_torchio",
     "from_torchio",
@@ -587,6 +590,111 @@ def itk_to_displacement(
     d_itk = np.einsum("jk,...k->j...", np.linalg.inv(own.index_to_physical), vectors)
     d = np.ascontiguousarray(d_itk[::-1], dtype=np.float32)
     return torch.from_numpy(d)[None]
+
+
+# --------------------------------------------------------------------------------------------
+# Affine transforms
+# --------------------------------------------------------------------------------------------
+
+
+def _affine_array(A: Tensor | np.ndarray, ndim: int) -> np.ndarray:
+    a = A.detach().cpu().double().numpy() if isinstance(A, Tensor) else np.asarray(A, float)
+    if a.ndim == 3:
+        if a.shape[0] != 1:
+            raise ValueError(f"A: expected a single affine (batch 1), got batch {a.shape[0]}")
+        a = a[0]
+    if a.shape != (ndim, ndim + 1):
+        raise ValueError(
+            f"A: expected a (1, {ndim}, {ndim + 1}) affine for a {ndim}D grid, got "
+            f"{tuple(np.shape(A))}"
+        )
+    if not np.isfinite(a).all():
+        raise ValueError("A: contains non-finite values")
+    return a
+
+
+def affine_to_itk(
+    A: Tensor | np.ndarray, fixed: Geometry, moving: Geometry | None = None
+) -> sitk.AffineTransform:
+    """Voxel affine of :func:`nadmm_torch.affine` → ``sitk.AffineTransform`` in physical space.
+
+    ``A`` ``(1, n, n + 1)`` maps fixed array indices to moving array indices (pull-back). The
+    ITK transform maps fixed physical points (LPS mm) to moving physical points, ITK's
+    convention for registration results: ``sitk.Resample(moving, fixed, transform)``
+    reproduces ``warp(moving, affine_to_displacement(A, S))``. ``moving``: the moving image's
+    grid (default: the fixed grid, i.e. a moving image already resampled onto it).
+    """
+    moving = fixed if moving is None else moving
+    n = fixed.ndim
+    if moving.ndim != n:
+        raise ValueError(f"moving: a {moving.ndim}D geometry for a {n}D fixed geometry")
+    a = _affine_array(A, n)
+    flip = np.eye(n)[::-1]  # array order <-> ITK index order
+    gf, gm = fixed.index_to_physical, moving.index_to_physical
+    matrix = gm @ flip @ a[:, :n] @ flip @ np.linalg.inv(gf)
+    offset = np.asarray(moving.origin) + gm @ flip @ a[:, n] - matrix @ np.asarray(fixed.origin)
+    transform = sitk.AffineTransform(n)
+    transform.SetMatrix(matrix.ravel().tolist())
+    transform.SetTranslation(offset.tolist())
+    return transform
+
+
+def itk_to_affine(
+    transform: sitk.Transform | str | os.PathLike,
+    fixed: Geometry,
+    moving: Geometry | None = None,
+) -> Tensor:
+    """ITK affine (transform or file, e.g. ``affine.tfm`` or an ANTs ``.mat``) → voxel ``A``
+    ``(1, n, n + 1)`` float64, the inverse of :func:`affine_to_itk`."""
+    if not isinstance(transform, sitk.Transform):
+        p = Path(transform)
+        if not p.is_file():
+            raise FileNotFoundError(f"no such file: '{p}'")
+        try:
+            transform = sitk.ReadTransform(str(p))
+        except RuntimeError as exc:
+            raise ValueError(f"cannot read '{p}': {sitk_error_reason(exc)}") from None
+    moving = fixed if moving is None else moving
+    n = fixed.ndim
+    if transform.GetDimension() != n:
+        raise ValueError(f"a {transform.GetDimension()}D transform for a {n}D geometry")
+    try:
+        aff = sitk.AffineTransform(transform)
+    except RuntimeError:
+        raise ValueError(f"not an affine transform: {transform.GetName()}") from None
+    m = np.asarray(aff.GetMatrix(), dtype=np.float64).reshape(n, n)
+    centre = np.asarray(aff.GetCenter(), dtype=np.float64)
+    offset = np.asarray(aff.GetTranslation(), dtype=np.float64) + centre - m @ centre
+    flip = np.eye(n)[::-1]
+    gf, gm = fixed.index_to_physical, moving.index_to_physical
+    to_index = flip @ np.linalg.inv(gm)
+    lin = to_index @ m @ gf @ flip
+    trans = to_index @ (m @ np.asarray(fixed.origin) + offset - np.asarray(moving.origin))
+    return torch.from_numpy(np.concatenate([lin, trans[:, None]], axis=1))[None]
+
+
+def write_affine(
+    A: Tensor | np.ndarray,
+    fixed: Geometry,
+    path: str | os.PathLike,
+    moving: Geometry | None = None,
+) -> Path:
+    """Write ``A`` as an ITK transform file (``.tfm``/``.txt``, ``.mat``) that SimpleITK
+    (``sitk.ReadTransform``) and ANTs read; see :func:`affine_to_itk`. Atomic, like
+    :func:`write_image`."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no such folder: '{folder}'")
+    transform = affine_to_itk(A, fixed, moving)
+
+    def write(p: Path) -> None:
+        try:
+            sitk.WriteTransform(transform, str(p))
+        except RuntimeError as exc:
+            raise OSError(f"cannot write '{path}': {sitk_error_reason(exc)}") from None
+
+    return atomic_write(path, write, lambda p: sitk.ReadTransform(str(p)))
 
 
 # --------------------------------------------------------------------------------------------

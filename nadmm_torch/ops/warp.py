@@ -55,6 +55,30 @@ def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
     return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
 
 
+def sample(image: Tensor, points: Tensor, mode: str = "bilinear") -> Tensor:
+    """``image`` at scattered voxel coordinates, border padding (the points of a sampled metric).
+
+    Args:
+        image: ``(B, C, *S)``.
+        points: ``(B, ndim, N)`` voxel coordinates, component ``i`` along axis ``i`` of ``S``.
+        mode: ``"bilinear"`` (linear / trilinear) or ``"nearest"``.
+
+    Returns:
+        ``(B, C, N)``: ``image(points[:, :, k])`` for each ``k``.
+    """
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"sample: mode must be 'bilinear' or 'nearest', got {mode!r}")
+    shape = image.shape[2:]
+    ndim = len(shape)
+    scale = torch.tensor(
+        [2.0 / max(n - 1, 1) for n in shape], dtype=points.dtype, device=points.device
+    ).view(1, ndim, 1)
+    grid = (points * scale - 1.0).transpose(1, 2).flip(-1)  # (B, N, ndim), axes reversed
+    grid = grid.view(grid.shape[0], *([1] * (ndim - 1)), grid.shape[1], ndim)
+    out = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    return out.flatten(2)
+
+
 def warp_labels(labels: Tensor, displacement: Tensor, num_classes: int | None = None) -> Tensor:
     """Warp an integer label map by argmax of the linearly warped one-hot encoding.
 
