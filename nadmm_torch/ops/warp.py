@@ -52,7 +52,29 @@ def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"warp: mode must be 'bilinear' or 'nearest', got {mode!r}")
     grid = _normalised_grid(displacement)
-    return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    out = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    if mode == "bilinear" and image.shape[2:] == displacement.shape[2:]:
+        out = _exact_where_zero(image, displacement, out)
+    return out
+
+
+def _exact_where_zero(image: Tensor, displacement: Tensor, sampled: Tensor) -> Tensor:
+    """``sampled`` with the voxels where ``d(x) = 0`` replaced by ``image(x)`` exactly.
+
+    ``grid_sample`` works in normalised coordinates: index ``i`` goes through
+    ``2 i / (n - 1) - 1`` and back, which is not exact in floating point (float32: up to
+    ~1e-5 of the image's range at 128 voxels), so a zero displacement would move the image a
+    little, and a solver whose force does not shrink with the residual (the l1 data term)
+    turns that into motion between identical images. The value is the image's own; the
+    gradient is ``grid_sample``'s (with respect to the image and the displacement), so the
+    warp stays differentiable at ``d = 0``.
+    """
+    zero = (displacement == 0).all(dim=1, keepdim=True)  # (B, 1, *S), broadcast over C
+    exact = torch.where(zero, image, sampled)
+    if torch.is_grad_enabled() and (image.requires_grad or displacement.requires_grad):
+        # value: ``exact``; gradient: ``sampled``'s everywhere
+        exact = torch.where(zero, image.detach(), sampled) + (sampled - sampled.detach()) * zero
+    return exact
 
 
 def warp_labels(labels: Tensor, displacement: Tensor, num_classes: int | None = None) -> Tensor:

