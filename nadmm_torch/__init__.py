@@ -5,6 +5,7 @@ Public API::
     register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2,
              compile=False, **overrides)
     warp(image, displacement, mode="bilinear" | "nearest")
+    warp_labels(labels, displacement)  (integer label maps, argmax of the warped one-hot)
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
     losses.MSELoss / NCCLoss / DiceLoss / SmoothnessLoss / JacobianFoldLoss
@@ -16,7 +17,7 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 """
 
 from . import losses, metrics
-from .api import register, warp
+from .api import register, warp, warp_labels
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
 from .ops.solver import Diagnostics, SolverConfig
@@ -38,6 +39,7 @@ __all__ = [
     "NADMMRegistration",
     "register",
     "warp",
+    "warp_labels",
     "metrics",
     "losses",
     "RegistrationLightningModule",

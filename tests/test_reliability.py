@@ -70,3 +70,52 @@ def test_identical_images_do_not_move(preset):
             d = nt.register(f, f.clone(), spacing=(4.0, 4.0), preset=preset,
                             data_term=data_term, order=order)
             assert float(d.abs().max()) <= 0.05, (data_term, order)
+
+
+# -- label maps with large ids -----------------------------------------------------------------
+
+def _warp_labels_brute_force(labels: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """One-hot over the present labels at once (small K only), argmax, mapped back."""
+    values = torch.unique(labels)
+    onehot = torch.stack([(labels[:, 0] == v) for v in values], dim=1).to(d.dtype)
+    return values[raw_warp(onehot, d).argmax(dim=1, keepdim=True)]
+
+
+@pytest.mark.parametrize("shape", [(24, 20), (6, 12, 10)])
+def test_warp_labels_with_large_ids_costs_only_the_present_labels(shape):
+    from nadmm_torch.ops.warp import warp_labels as raw_warp_labels
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.tensor([0, 2, 17, 60000, 2**40, -5])  # FreeSurfer-style ids, and absurd ones
+    # 40 labels in all: more than one chunk of the running maximum
+    ids = torch.cat([ids, torch.arange(100, 134)])
+    labels = ids[torch.randint(0, len(ids), (2, 1, *shape), generator=gen)]
+    d = 1.5 * torch.randn(2, len(shape), *shape, generator=gen)
+    # over 0..max this would be a 2**40-channel one-hot (> 10^14 bytes): it must not be tried
+    out = raw_warp_labels(labels, d)
+    assert out.dtype == labels.dtype and out.shape == labels.shape
+    assert torch.equal(out, _warp_labels_brute_force(labels, d))
+    assert torch.equal(nt.warp_labels(labels, d), out)
+    assert set(out.unique().tolist()) <= set(ids.tolist())
+
+
+def test_warp_labels_public_function_validates_and_keeps_old_callers():
+    from nadmm_torch.ops.warp import warp_labels as raw_warp_labels
+
+    labels = torch.randint(0, 4, (1, 1, 8, 8))
+    d = torch.randn(1, 2, 8, 8)
+    # the form the CLI, the demo and the Lightning module call: num_classes = max + 1
+    assert torch.equal(raw_warp_labels(labels, d, num_classes=6), nt.warp_labels(labels, d))
+    assert torch.equal(nt.warp_labels(labels, torch.zeros(1, 2, 8, 8)), labels)  # exact identity
+    assert torch.equal(nt.warp_labels(labels.to(torch.uint8), d.half()),
+                       nt.warp_labels(labels, d).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"^labels: expected values in \[0, 3\)"):
+        raw_warp_labels(labels, d, num_classes=3)
+    with pytest.raises(TypeError, match=r"^labels: expected an integer label map"):
+        nt.warp_labels(labels.float(), d)
+    with pytest.raises(ValueError, match=r"^labels: expected a \(B, 1, H, W\)"):
+        nt.warp_labels(labels[0], d)
+    with pytest.raises(ValueError, match=r"^displacement: shape"):
+        nt.warp_labels(labels, torch.zeros(1, 2, 8, 9))
+    with pytest.raises(TypeError, match=r"^labels: expected a torch.Tensor"):
+        nt.warp_labels(labels.numpy(), d)
