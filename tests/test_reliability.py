@@ -119,3 +119,40 @@ def test_warp_labels_public_function_validates_and_keeps_old_callers():
         nt.warp_labels(labels, torch.zeros(1, 2, 8, 9))
     with pytest.raises(TypeError, match=r"^labels: expected a torch.Tensor"):
         nt.warp_labels(labels.numpy(), d)
+
+
+# -- the presets' schedules follow ``levels`` ----------------------------------------------------
+
+@pytest.mark.parametrize("preset", ["fast", "paper", "accurate"])
+@pytest.mark.parametrize("levels", [1, 2, 4, 10])
+def test_preset_schedules_follow_levels(preset, levels):
+    from nadmm_torch.presets import PRESETS, preset_config
+
+    cfg = preset_config(preset, "l2", 2, levels=levels)
+    base = PRESETS[preset]
+    assert len(cfg.iterations) == len(cfg.warps) == len(cfg.per_level("lam")) == levels
+    k = min(levels, 3)  # aligned at the finest level; added coarser levels repeat the coarsest
+    assert cfg.iterations[-k:] == base["iterations"][-k:]
+    assert cfg.iterations[:levels - k] == (base["iterations"][0],) * (levels - k)
+    assert any(cfg.warps), "some level must warp"
+    if levels > 1:
+        assert cfg.warps[-k:] == base["warps"][-k:]
+    elif preset == "fast":  # its finest level has no warps: the single level takes the middle's
+        assert cfg.warps == (5,)
+
+
+def test_levels_override_registers_and_explicit_lengths_are_checked():
+    f = sample_slice(48)
+    m = raw_warp(f, torch.full((1, 2, 48, 48), 1.0))
+    for levels in (1, 10):
+        d = nt.register(f, m, levels=levels)
+        assert torch.isfinite(d).all() and float(d.abs().mean()) > 0.3, levels
+    d = nt.register(f, m, levels=2, iterations=3, warps=(4, 2))  # explicit values still win
+    assert torch.isfinite(d).all()
+    with pytest.raises(ValueError, match=r"^iterations: expected one integer >= 1, or 1 of them "
+                                         r"\(one per level, coarse to fine, for levels=1\), got"):
+        nt.register(f, m, levels=1, iterations=(5, 5, 5))
+    with pytest.raises(ValueError, match=r"^warps: expected one integer >= 0, or 4 of them"):
+        nt.NADMMRegistration(levels=4, warps=(5, 5))
+    with pytest.raises(ValueError, match=r"^lam: expected one number, or 2 of them"):
+        nt.register(f, m, levels=2, lam=(1.0, 2.0, 3.0))

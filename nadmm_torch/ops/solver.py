@@ -77,8 +77,8 @@ class SolverConfig:
                 object.__setattr__(self, name, (value,) * self.levels)
             elif len(value) != self.levels or any(int(v) < least for v in value):
                 raise ValueError(
-                    f"{name} must be {self.levels} integers >= {least} (one per level), "
-                    f"got {value!r}"
+                    f"{name}: expected one integer >= {least}, or {self.levels} of them (one "
+                    f"per level, coarse to fine, for levels={self.levels}), got {value!r}"
                 )
         if isinstance(self.frozen_axes, str):
             if self.frozen_axes != "thick":
@@ -98,7 +98,10 @@ class SolverConfig:
         if isinstance(value, (int, float)):
             return (float(value),) * self.levels
         if len(value) != self.levels:
-            raise ValueError(f"{name} must be a float or {self.levels} floats, got {value!r}")
+            raise ValueError(
+                f"{name}: expected one number, or {self.levels} of them (one per level, coarse "
+                f"to fine, for levels={self.levels}), got {value!r}"
+            )
         return tuple(float(v) for v in value)
 
     def scaled(self, name: str, factor: float) -> tuple[float, ...]:
