@@ -129,12 +129,28 @@ def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+# Bounds that keep the solver's float32 arithmetic finite (λ h^-2n, 1/θ, h² Λ_n): beyond
+# them a field silently comes back zero or an overflow error is raised from deep inside.
+SPACING_BOUNDS = (1e-6, 1e6)  # mm
+WEIGHT_BOUNDS = (1e-12, 1e12)  # λ and θ
+
+
+def _as_python(value: object) -> object:
+    """Tensors, NumPy arrays and NumPy scalars as Python numbers (0-d) or flat lists; any
+    other value as it is."""
+    if isinstance(value, Tensor):
+        value = value.detach()
+    elif not (type(value).__module__ == "numpy" and hasattr(value, "tolist")):
+        return value
+    return value.tolist() if value.ndim == 0 else value.flatten().tolist()
+
+
 def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
-    """``None`` or ``ndim`` positive finite numbers (mm, in the order of the spatial axes)."""
+    """``None`` or ``ndim`` positive finite numbers (mm, in the order of the spatial axes), each
+    within :data:`SPACING_BOUNDS`. A number, a sequence, a tensor or a NumPy array."""
     if spacing is None:
         return None
-    if isinstance(spacing, Tensor):
-        spacing = spacing.detach().flatten().tolist()
+    spacing = _as_python(spacing)
     if isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)):
         # One-element tensors (e.g. from a header) count as numbers.
         spacing = [h.item() if isinstance(h, Tensor) and h.numel() == 1 else h for h in spacing]
@@ -152,6 +168,12 @@ def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
     out = tuple(float(h) for h in spacing)
     if not all(h > 0 and h < float("inf") for h in out):
         raise ValueError(f"spacing: expected positive finite values, got {out}")
+    lo, hi = SPACING_BOUNDS
+    if not all(lo <= h <= hi for h in out):
+        raise ValueError(
+            f"spacing: expected values in [{lo:g}, {hi:g}] mm (beyond them the solver's "
+            f"float32 arithmetic overflows), got {out}"
+        )
     return out
 
 
@@ -216,8 +238,23 @@ def _check_positive(value: object, name: str, what: str = "a positive finite num
     return float(value)
 
 
+def _check_weight(value: object, name: str) -> float:
+    """λ or θ: positive, finite and within :data:`WEIGHT_BOUNDS`."""
+    v = _check_positive(value, name, POSITIVE_PER_LEVEL)
+    lo, hi = WEIGHT_BOUNDS
+    if not lo <= v <= hi:
+        raise ValueError(
+            f"{name}: expected values in [{lo:g}, {hi:g}] (beyond them the solver's float32 "
+            f"arithmetic overflows or underflows), got {value!r}"
+        )
+    return v
+
+
 def _per_level(value: object, name: str, check):
-    """A scalar, or a sequence (one per level), each passing ``check``; returns the same kind."""
+    """A scalar, or a sequence (one per level), each passing ``check``; returns the same kind.
+    NumPy arrays and scalars count as sequences and numbers."""
+    if not isinstance(value, Tensor):  # a tensor λ is refused by ``check`` (not a number)
+        value = _as_python(value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) == 0:
             raise ValueError(f"{name}: expected a value or one value per level, got {value!r}")
@@ -247,9 +284,7 @@ def check_options(
     opts = {k: v for k, v in options.items() if v is not None}
     for name in ("lam", "theta"):
         if name in opts:
-            out[name] = _per_level(
-                opts[name], name, lambda v, n=name: _check_positive(v, n, POSITIVE_PER_LEVEL)
-            )
+            out[name] = _per_level(opts[name], name, lambda v, n=name: _check_weight(v, n))
     for name in ("levels", "min_level_size"):
         if name in opts:
             out[name] = _check_int(opts[name], name, 1)

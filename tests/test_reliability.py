@@ -156,3 +156,49 @@ def test_levels_override_registers_and_explicit_lengths_are_checked():
         nt.NADMMRegistration(levels=4, warps=(5, 5))
     with pytest.raises(ValueError, match=r"^lam: expected one number, or 2 of them"):
         nt.register(f, m, levels=2, lam=(1.0, 2.0, 3.0))
+
+
+# -- NumPy spacings; values that would overflow float32 ------------------------------------------
+
+def test_numpy_spacings_are_accepted():
+    import numpy as np
+
+    f = sample_slice(32)
+    m = raw_warp(f, torch.full((1, 2, 32, 32), 0.7))
+    ref = nt.register(f, m, spacing=(1.5, 1.5))
+    for spacing in (np.array([1.5, 1.5]), np.array([1.5, 1.5], dtype=np.float32),
+                    np.float32(1.5), np.float64(1.5), np.array(1.5),
+                    [np.float32(1.5), np.float32(1.5)]):
+        assert torch.equal(nt.register(f, m, spacing=spacing), ref), repr(spacing)
+        assert torch.equal(nt.NADMMRegistration()(f, m, spacing=spacing), ref), repr(spacing)
+    # per-level λ as a NumPy array, like a tuple
+    lam = (0.3, 1.7, 1.7)
+    assert torch.equal(nt.register(f, m, lam=np.array(lam)), nt.register(f, m, lam=lam))
+    with pytest.raises(ValueError, match=r"^spacing: expected 2 numbers"):
+        nt.register(f, m, spacing=np.array([1.5, 1.5, 1.5]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"lam": 1e38}, r"^lam: expected values in \[1e-12, 1e\+12\]"),
+    ({"lam": 1e-13}, r"^lam: expected values in \[1e-12, 1e\+12\]"),
+    ({"lam": (1.0, 1e13, 1.0)}, r"^lam: .*\].*got 10000000000000\.0"),
+    ({"theta": 1e-300}, r"^theta: expected values in \[1e-12, 1e\+12\]"),
+    ({"theta": 1e15}, r"^theta: expected values in \[1e-12, 1e\+12\]"),
+    ({"spacing": 1e-30}, r"^spacing: expected values in \[1e-06, 1e\+06\] mm"),
+    ({"spacing": (1.0, 1e7)}, r"^spacing: expected values in \[1e-06, 1e\+06\] mm"),
+])
+def test_values_that_overflow_float32_are_refused(kwargs, match):
+    f = sample_slice(32)
+    with pytest.raises(ValueError, match=match):
+        nt.register(f, f.flip(-1), **kwargs)
+
+
+def test_extreme_values_inside_the_bounds_stay_finite():
+    f = sample_slice(32)
+    m = raw_warp(f, torch.full((1, 2, 32, 32), 0.7))
+    for kwargs in ({"lam": 1e12, "theta": 1e-12, "spacing": 1e-6},
+                   {"lam": 1e-12, "theta": 1e12, "spacing": 1e6},
+                   {"lam": 1e12, "theta": 1e12, "spacing": (1e-6, 1e6)}):
+        for order in (1, 3):
+            d = nt.register(f, m, order=order, data_term="l1", **kwargs)
+            assert torch.isfinite(d).all() and float(nt.fold_percent(d)[0]) == 0.0
