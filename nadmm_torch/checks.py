@@ -222,6 +222,14 @@ POSITIVE_PER_LEVEL = "a positive finite number, or one per level"
 BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "normalize", "anisotropic_pyramid")
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``True`` or ``False`` (NumPy's too); a truthy string such as ``'no'`` must not pass."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool:
+        return bool(value)
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -311,8 +319,8 @@ def check_options(
             raise ValueError(f"restart_eta: expected a number in (0, 1], got {v!r}")
         out["restart_eta"] = float(v)
     for name in BOOL_OPTIONS:
-        if name in opts and not isinstance(opts[name], bool):
-            raise ValueError(f"{name}: expected True or False, got {opts[name]!r}")
+        if name in opts:
+            out[name] = check_bool(opts[name], name)
     if "boundary" in opts:
         check_choice(opts["boundary"], "boundary", BOUNDARIES)
     if "frozen_axes" in opts:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import (
+    check_bool,
     check_displacement,
     check_learnable,
     check_module_device,
@@ -101,7 +102,7 @@ class NADMMRegistration(nn.Module):
         self.config: SolverConfig = preset_config(preset, data_term, order, **overrides)
         self.learnable = _parse_learnable(learnable)
         self.schedule = schedule
-        self.checkpoint = checkpoint
+        self.checkpoint = check_bool(checkpoint, "checkpoint")
         self.compile = compile
         cfg = self.config
         k_max, w_max = max(cfg.iterations), max(cfg.warps)
@@ -150,6 +151,7 @@ class NADMMRegistration(nn.Module):
         initial_displacement: Tensor | None = None,
         return_diagnostics: bool = False,
     ) -> Tensor | tuple[Tensor, Diagnostics]:
+        return_diagnostics = check_bool(return_diagnostics, "return_diagnostics")
         if not (isinstance(fixed, Tensor) and isinstance(moving, Tensor)):
             from .io import unpack_torchio_pair  # TorchIO images / subject: spacing from them
 

@@ -202,3 +202,33 @@ def test_extreme_values_inside_the_bounds_stay_finite():
         for order in (1, 3):
             d = nt.register(f, m, order=order, data_term="l1", **kwargs)
             assert torch.isfinite(d).all() and float(nt.fold_percent(d)[0]) == 0.0
+
+
+# -- booleans are booleans -------------------------------------------------------------------
+
+@pytest.mark.parametrize("value", ["no", "False", 1, 0, None, 0.0])
+def test_truthy_values_are_not_booleans(value):
+    f = sample_slice(32)
+    m = f.flip(-1)
+    with pytest.raises(ValueError, match=rf"^checkpoint: expected True or False, got {value!r}"):
+        nt.NADMMRegistration(checkpoint=value)
+    with pytest.raises(ValueError, match=r"^return_diagnostics: expected True or False"):
+        nt.register(f, m, return_diagnostics=value)
+    with pytest.raises(ValueError, match=r"^return_diagnostics: expected True or False"):
+        nt.NADMMRegistration()(f, m, return_diagnostics=value)
+    for option in ("safeguard", "normalize", "restart", "accelerated", "anisotropic_pyramid"):
+        if value is None:  # None for a solver option means "the preset's value"
+            continue
+        with pytest.raises(ValueError, match=rf"^{option}: expected True or False"):
+            nt.register(f, m, **{option: value})
+
+
+def test_numpy_booleans_are_booleans():
+    import numpy as np
+
+    f = sample_slice(32)
+    m = raw_warp(f, torch.full((1, 2, 32, 32), 0.7))
+    model = nt.NADMMRegistration(checkpoint=np.False_, safeguard=np.True_)
+    assert model.checkpoint is False and model.config.safeguard is True
+    d, diag = model(f, m, return_diagnostics=np.True_)
+    assert torch.equal(d, nt.register(f, m, return_diagnostics=True)[0]) and diag is not None
