@@ -68,7 +68,17 @@ def check_image(x: object, name: str, ndim: int | None = None) -> Tensor:
     return x
 
 
+def check_has_data(x: Tensor, name: str) -> None:
+    """``x`` must hold values: a meta tensor (shape and dtype only) cannot be registered."""
+    if x.is_meta:
+        raise ValueError(
+            f"{name}: meta tensors have no data; create or load it on a real device "
+            "(cpu, cuda) instead"
+        )
+
+
 def check_finite(x: Tensor, name: str) -> None:
+    check_has_data(x, name)  # the first check that reads values
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())

@@ -232,3 +232,24 @@ def test_numpy_booleans_are_booleans():
     assert model.checkpoint is False and model.config.safeguard is True
     d, diag = model(f, m, return_diagnostics=np.True_)
     assert torch.equal(d, nt.register(f, m, return_diagnostics=True)[0]) and diag is not None
+
+
+# -- meta tensors ------------------------------------------------------------------------------
+
+def test_meta_tensors_get_a_clear_error():
+    f = sample_slice(32)
+    meta = f.to("meta")
+    msg = r"^{}: meta tensors have no data"
+    with pytest.raises(ValueError, match=msg.format("fixed")):
+        nt.register(meta, meta)
+    with pytest.raises(ValueError, match=msg.format("fixed")):
+        nt.NADMMRegistration().to("meta")(meta, meta)
+    with pytest.raises(ValueError, match=r"^initial_displacement: on meta, the image on cpu"):
+        nt.register(f, f, initial_displacement=torch.zeros(1, 2, 32, 32, device="meta"))
+    zero_meta = torch.zeros(1, 2, 32, 32, device="meta")
+    with pytest.raises(ValueError, match=msg.format("displacement")):
+        nt.warp(meta, zero_meta)
+    with pytest.raises(ValueError, match=msg.format("displacement")):
+        nt.warp_labels(torch.zeros(1, 1, 32, 32, dtype=torch.long, device="meta"), zero_meta)
+    with pytest.raises(ValueError, match=msg.format("displacement")):
+        nt.fold_percent(zero_meta)
