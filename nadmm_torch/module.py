@@ -28,6 +28,10 @@ from .ops.solver import Diagnostics, SolverConfig, compile_mode, solve
 from .presets import preset_config
 
 LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
+# Stored tensor -> learnable name; ``log_*`` are exponentiated (so must stay within exp's range).
+HYPERPARAMETERS = {
+    "log_lam": "lambda", "log_theta": "theta", "momentum_logit": "momentum", "log_step": "step"
+}
 
 
 def _parse_learnable(learnable: bool | str | Iterable[str] | None) -> frozenset[str]:
@@ -123,6 +127,30 @@ class NADMMRegistration(nn.Module):
         else:
             self.register_buffer(name, value)
 
+    def check_hyperparameters(self) -> None:
+        """Raise if a stored hyperparameter (learnable or not) is NaN or ±inf, or its
+        exponential over- or underflows: after an optimiser blow-up the solver would
+        otherwise return ``d ≡ 0`` or NaN without a word. One host synchronisation."""
+        bad = []
+        for attr in HYPERPARAMETERS:
+            t = getattr(self, attr).detach()
+            ok = torch.isfinite(t)
+            if attr.startswith("log_"):
+                e = t.exp()
+                ok = ok & torch.isfinite(e) & (e > 0)
+            bad.append(~ok.all())
+        if not bool(torch.stack(bad).any()):
+            return
+        for (attr, key), b in zip(HYPERPARAMETERS.items(), bad):
+            if bool(b):
+                t = getattr(self, attr).detach()
+                kind = "learnable parameter" if key in self.learnable else "buffer"
+                raise ValueError(
+                    f"{attr} ({kind} {key!r}): holds non-finite values or values whose "
+                    f"exponential overflows (min {float(t.min())}, max {float(t.max())}); an "
+                    "optimiser step diverged? Lower the learning rate or clip the gradients"
+                )
+
     # -- hyperparameters as the solver wants them -------------------------------------------
     def hyperparameters(self, dtype: torch.dtype) -> dict:
         """Per-level λ, θ (scalars or (K,) schedules), momentum and step scales (or None)."""
@@ -166,8 +194,8 @@ class NADMMRegistration(nn.Module):
             initial_displacement = check_displacement(
                 initial_displacement, "initial_displacement", like=fixed
             )
+        self.check_hyperparameters()
         params = self.hyperparameters(fixed.dtype)
-        params = {k: v for k, v in params.items()}
         d, diag = solve(
             fixed,
             moving,

@@ -253,3 +253,26 @@ def test_meta_tensors_get_a_clear_error():
         nt.warp_labels(torch.zeros(1, 1, 32, 32, dtype=torch.long, device="meta"), zero_meta)
     with pytest.raises(ValueError, match=msg.format("displacement")):
         nt.fold_percent(zero_meta)
+
+
+# -- non-finite learnable parameters -----------------------------------------------------------
+
+@pytest.mark.parametrize("attr,key", [("log_lam", "lambda"), ("log_theta", "theta"),
+                                      ("momentum_logit", "momentum"), ("log_step", "step")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 1e4])
+def test_non_finite_parameters_are_named(attr, key, value):
+    f = sample_slice(32)
+    m = raw_warp(f, torch.full((1, 2, 32, 32), 0.7))
+    model = nt.NADMMRegistration(learnable=True)
+    if attr == "momentum_logit" and abs(value) == 1e4:
+        value = float("nan")  # sigmoid saturates harmlessly: only non-finite logits are bad
+    with torch.no_grad():
+        getattr(model, attr)[-1, 0] = value
+    with pytest.raises(ValueError, match=rf"^{attr} \(learnable parameter '{key}'\): holds "
+                                         "non-finite values"):
+        model(f, m)
+    buffers = nt.NADMMRegistration()  # the same for a buffer (e.g. from a bad state dict)
+    with torch.no_grad():
+        getattr(buffers, attr)[-1, 0] = value
+    with pytest.raises(ValueError, match=rf"^{attr} \(buffer '{key}'\)"):
+        buffers(f, m)
