@@ -3,7 +3,9 @@
 Hyperparameters live in unconstrained form: ``λ = exp(log_lam)``, ``θ = exp(log_theta)``,
 momentum ``a_k = sigmoid(momentum_logit)``, step scale ``exp(log_step)``. So positivity and
 ``0 < a_k < 1`` hold by construction, whatever the optimiser does. What is not learnable is
-kept as a buffer (it moves with ``.to()`` and is saved in the state dict).
+kept as a buffer (it moves with ``.to()`` and is saved in the state dict). The settings that
+give these tensors their meaning (data term, order, levels, iterations, ...) are saved in the
+state dict too, and loading it into a module with other settings is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from .checks import (
     check_spacing,
 )
 from .ops.solver import Diagnostics, SolverConfig, compile_mode, solve
-from .presets import preset_config
+from .presets import CONFIG_FIELDS, preset_config
 
 LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
 # Stored tensor -> learnable name; ``log_*`` are exponentiated (so must stay within exp's range).
@@ -54,6 +56,39 @@ def prepare_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     if fixed.dtype in (torch.float16, torch.bfloat16):
         fixed, moving = fixed.float(), moving.float()
     return fixed, moving
+
+
+def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
+    """Load-state-dict pre-hook: refuse a state dict saved from a module with other settings
+    (an order-1 module's λ would otherwise load silently into an order-3 one), before any
+    tensor is copied, naming the fields that differ.
+
+    λ and θ are not compared: the state dict carries them (``log_lam``/``log_theta``), the
+    module's ``config`` only gave their initial values. A state dict without the entry (saved
+    before settings were stored) loads as before, unchecked, also with ``strict=True``.
+    """
+    key = prefix + "_extra_state"
+    saved = state_dict.get(key)
+    if saved is None:
+        state_dict[key] = None  # strict loading would report the entry as missing
+        return
+    mine = module._settings()
+    theirs = saved.get("settings", {}) if isinstance(saved, dict) else {}
+    diffs = [
+        f"{name}: saved {theirs.get(name, '(absent)')!r}, this module {value!r}"
+        for name, value in mine.items()
+        if _normal(theirs.get(name)) != _normal(value)
+    ]
+    if diffs:
+        raise ValueError(
+            f"state_dict: saved from a NADMMRegistration with other settings ({'; '.join(diffs)}); "
+            "build the module with the saved settings before loading"
+        )
+
+
+def _normal(value):
+    """Tuples and lists alike (a state dict may come back through JSON or YAML)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 class NADMMRegistration(nn.Module):
@@ -119,6 +154,23 @@ class NADMMRegistration(nn.Module):
         a = torch.tensor(nesterov_momentum(k_max), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
         self._store("momentum_logit", torch.logit(a).repeat(cfg.levels, 1), "momentum")
         self._store("log_step", torch.zeros(cfg.levels, w_max, dtype=torch.float64), "step")
+        self.register_load_state_dict_pre_hook(_check_saved_settings)
+
+    # -- the settings travel with the state dict -------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The settings that give the stored tensors their meaning, saved in the state dict
+        (``"_extra_state"``) and checked when it is loaded (see :func:`_check_saved_settings`).
+        """
+        return {"settings": self._settings(), "format": 1}
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to restore: the settings were checked before any tensor was loaded."""
+
+    def _settings(self) -> dict:
+        c = self.config
+        out = {name: getattr(c, name) for name in CONFIG_FIELDS if name not in ("lam", "theta")}
+        out["schedule"] = self.schedule
+        return out
 
     def _store(self, name: str, value: Tensor, key: str) -> None:
         value = value.float()

@@ -276,3 +276,40 @@ def test_non_finite_parameters_are_named(attr, key, value):
         getattr(buffers, attr)[-1, 0] = value
     with pytest.raises(ValueError, match=rf"^{attr} \(buffer '{key}'\)"):
         buffers(f, m)
+
+
+# -- state dicts carry the settings ------------------------------------------------------------
+
+def test_state_dict_of_other_settings_is_refused_before_anything_loads():
+    order1 = nt.NADMMRegistration(order=1, learnable=True)
+    order3 = nt.NADMMRegistration(order=3, learnable=True)
+    before = {k: v.clone() for k, v in order3.state_dict().items() if torch.is_tensor(v)}
+    with pytest.raises(ValueError, match=r"^state_dict: saved from a NADMMRegistration with "
+                                         r"other settings \(order: saved 1, this module 3\)"):
+        order3.load_state_dict(order1.state_dict())
+    after = order3.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())  # nothing was loaded
+    with pytest.raises(ValueError, match=r"data_term: saved 'l2', this module 'l1'.*"
+                                         r"schedule: saved 'level', this module 'iteration'"):
+        nt.NADMMRegistration(data_term="l1", schedule="iteration").load_state_dict(
+            nt.NADMMRegistration().state_dict(), strict=False)
+    # inside another module (a prefix), too
+    with pytest.raises(ValueError, match=r"order: saved 1, this module 3"):
+        torch.nn.Sequential(order3).load_state_dict(torch.nn.Sequential(order1).state_dict())
+
+
+def test_state_dict_round_trip_and_old_state_dicts(tmp_path):
+    trained = nt.NADMMRegistration(order=1, learnable=True)
+    with torch.no_grad():
+        trained.log_lam.add_(0.5)
+    path = tmp_path / "model.pt"
+    torch.save(trained.state_dict(), path)
+    state = torch.load(path, weights_only=True)  # plain data: loads with weights_only
+    fresh = nt.NADMMRegistration(order=1, learnable=True, lam=3.0)  # λ is carried, not compared
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.log_lam, trained.log_lam)
+    # a state dict saved before the settings were stored still loads, strictly
+    old = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
+    fresh = nt.NADMMRegistration(order=1)
+    fresh.load_state_dict(old, strict=True)
+    assert torch.equal(fresh.log_lam, trained.log_lam)
