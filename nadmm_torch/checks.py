@@ -1,7 +1,7 @@
 """Input validation in one place: every public entry point checks its arguments here.
 
-Each error names the argument and says what was expected. Checks that need the values (finite,
-non-constant) cost one reduction and one host synchronisation per image; they run once per
+Each error names the argument and says what was expected. Checks that need the values (finite)
+cost one reduction and one host synchronisation per image; they run once per
 call, never inside the solver's loops. Structural checks (type, shape, dtype, device) run
 before any check that reads values, so a tensor on the wrong device is reported as such.
 
@@ -11,6 +11,8 @@ Policies:
   (select or average the channels first); :func:`nadmm_torch.warp` warps any ``C``.
 * dtypes: float32/float64 are computed as given; float16/bfloat16 are computed in float32
   (the displacement is float32); integer, bool and complex images are refused.
+* constant images are not refused: the solver returns the initial displacement (or zero) for
+  such a batch element, with a warning (one blank crop must not stop a training run).
 * sizes: every spatial axis needs at least :data:`MIN_AXIS` voxels, or exactly 1 (a single
   slice, which the pyramid never downsamples); a 2- or 3-voxel axis is almost always a mix-up
   of axes (e.g. RGB or a vector component taken as a spatial axis).
@@ -86,7 +88,8 @@ def check_finite(x: Tensor, name: str) -> None:
 
 
 def check_not_constant(x: Tensor, name: str) -> None:
-    """Each batch element must vary: a constant image carries no information to register."""
+    """Each batch element must vary (for callers that need it; the registration accepts a
+    constant image and returns the initial displacement for it)."""
     flat = x.detach().flatten(1)
     const = flat.amax(dim=1) == flat.amin(dim=1)
     if bool(const.any()):
@@ -129,8 +132,8 @@ def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     # Values last: these synchronise with the device.
     check_finite(fixed, "fixed")
     check_finite(moving, "moving")
-    check_not_constant(fixed, "fixed")
-    check_not_constant(moving, "moving")
+    # A constant image is not an error: the solver returns the initial displacement (or zero)
+    # for that batch element, with a warning (see nadmm_torch.ops.solver.solve).
     return fixed, moving
 
 

@@ -313,3 +313,147 @@ def test_state_dict_round_trip_and_old_state_dicts(tmp_path):
     fresh = nt.NADMMRegistration(order=1)
     fresh.load_state_dict(old, strict=True)
     assert torch.equal(fresh.log_lam, trained.log_lam)
+
+
+# -- constant images: the initial displacement (or zero) for that element, with a warning -------
+
+def _pair_batch():
+    f = sample_slice(32)
+    m = raw_warp(f, torch.full((1, 2, 32, 32), 0.7))
+    # element 0: a real pair; 1: blank fixed crop; 2: both blank; 3: blank moving crop
+    fixed = torch.cat([f, torch.zeros_like(f), torch.full_like(f, 3.0), f])
+    moving = torch.cat([m, m, torch.full_like(f, 3.0), torch.full_like(f, -2.0)])
+    return fixed, moving
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+def test_constant_images_get_the_initial_displacement_with_a_warning(preset):
+    fixed, moving = _pair_batch()
+    with pytest.warns(UserWarning, match=r"constant image in batch element\(s\) \[1, 2, 3\]"):
+        d, diag = nt.register(fixed, moving, preset=preset, return_diagnostics=True)
+    assert diag.constant_elements == [1, 2, 3]
+    assert torch.equal(d[1:], torch.zeros_like(d[1:]))
+    alone = nt.register(fixed[:1], moving[:1], preset=preset)
+    torch.testing.assert_close(d[:1], alone, rtol=0, atol=1e-5)
+    assert float(alone.abs().mean()) > 0.3
+    init = 0.3 * torch.ones(4, 2, 32, 32)
+    with pytest.warns(UserWarning, match=r"constant image"):
+        d = nt.register(fixed, moving, preset=preset, initial_displacement=init)
+    assert torch.equal(d[1:], init[1:])
+    with pytest.warns(UserWarning, match=r"constant image in batch element\(s\) \[0\]"):
+        module_d = nt.NADMMRegistration(preset)(fixed[1:2], moving[1:2])
+    assert torch.equal(module_d, torch.zeros_like(module_d))
+
+
+def test_constant_images_keep_gradients_finite():
+    fixed, moving = _pair_batch()
+    fixed.requires_grad_(True)
+    moving.requires_grad_(True)
+    model = nt.NADMMRegistration(learnable=True)
+    init = torch.zeros(4, 2, 32, 32, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"constant image"):
+        d = model(fixed, moving, initial_displacement=init)
+    w = torch.linspace(0, 1, 32)
+    (d * w).sum().backward()
+    for name, t in [("fixed", fixed), ("moving", moving), ("init", init),
+                    *model.named_parameters()]:
+        assert t.grad is not None and torch.isfinite(t.grad).all(), name
+    assert float(fixed.grad[0].abs().max()) > 0  # the real pair's gradient is there
+    # the constant elements return the initial displacement itself: its gradient is the weight
+    torch.testing.assert_close(init.grad[1:], w.expand(3, 2, 32, 32))
+    assert float(fixed.grad[1:].abs().max()) == 0.0 == float(moving.grad[1:].abs().max())
+
+
+def test_normalise_pair_of_a_constant_pair_is_finite():
+    from nadmm_torch.ops.solver import normalise_pair
+
+    f = torch.full((2, 1, 8, 8), 5.0, requires_grad=True)
+    m = torch.full((2, 1, 8, 8), 5.0, requires_grad=True)
+    a, b = normalise_pair(f, m)
+    assert torch.equal(a, torch.zeros_like(a)) and torch.equal(b, torch.zeros_like(b))
+    (a.sum() + b.sum()).backward()
+    assert torch.isfinite(f.grad).all() and torch.isfinite(m.grad).all()
+
+
+def test_nan_and_empty_inputs_are_still_errors():
+    f = sample_slice(32)
+    with pytest.raises(ValueError, match=r"^fixed: contains non-finite values"):
+        nt.register(torch.full_like(f, float("nan")), f)
+    with pytest.raises(ValueError, match=r"^fixed: is empty"):
+        nt.register(f[:0], f[:0])
+
+
+# -- folding initial displacements: repaired (with a warning) or refused ------------------------
+
+def forward_det(d: torch.Tensor) -> torch.Tensor:
+    """det(I + ∇d) by forward differences on the cells ``[0, n-2]`` of every axis (2D/3D):
+    the Jacobian of the multilinear interpolant at each cell's first corner."""
+    ndim = d.shape[1]
+    cols = []
+    for j in range(ndim):
+        g = torch.diff(d, dim=2 + j)  # ∂_j d, one shorter along axis j
+        cut = [slice(None), slice(None)] + [
+            slice(None) if k == j else slice(0, -1) for k in range(ndim)
+        ]
+        cols.append(g[tuple(cut)])
+    jac = torch.stack(cols, dim=-1).movedim(1, -2)  # (B, *cells, i, j) = ∂_j d_i
+    return torch.linalg.det(jac + torch.eye(ndim, dtype=d.dtype))
+
+
+def assert_fold_free(d: torch.Tensor) -> None:
+    assert torch.isfinite(d).all()
+    assert float(nt.fold_percent(d).max()) == 0.0
+    assert float(nt.jacobian_determinant(d).min()) > 0
+    assert float(forward_det(d).min()) > 0
+
+
+def test_a_mirror_flip_is_refused():
+    f = sample_slice(32)
+    x = torch.arange(32.0)
+    flip = torch.zeros(2, 2, 32, 32)
+    flip[1, 1] = 31 - 2 * x  # element 1: x -> 31 - x, det J = -1 everywhere
+    with pytest.raises(ValueError, match=r"^initial_displacement: folds \(det J <= 0\) at more "
+                                         r"than 50 % of the voxels \(element 1: 100\.0 %\)"):
+        nt.register(torch.cat([f, f]), torch.cat([f, f.flip(-1)]), initial_displacement=flip)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"preset": "paper"}, {"levels": 1}, {"warps": 0},
+                                    {"levels": 1, "warps": 0}])
+def test_a_noisy_initial_displacement_is_repaired_with_a_warning(kwargs):
+    from tests.test_solver import smooth_field
+
+    f = sample_slice(48)
+    truth = smooth_field((48, 48), 2.0, seed=3)
+    m = raw_warp(f, truth)
+    gen = torch.Generator().manual_seed(0)
+    noisy = truth + 1.0 * torch.randn(1, 2, 48, 48, generator=gen)
+    before = float(nt.fold_percent(noisy)[0])
+    assert 5 < before < 50
+    with pytest.warns(UserWarning, match=r"^initial_displacement: folds \(det J <= 0\) at "
+                                         r"[0-9.]+ % of the voxels of batch element 0; repaired"):
+        d, diag = nt.register(f, m, initial_displacement=noisy, return_diagnostics=True,
+                              **kwargs)
+    assert diag.initial_fold_percent == pytest.approx([before])
+    assert_fold_free(d)
+
+
+def test_forward_determinant_matches_a_brute_force():
+    from nadmm_torch.ops.diff import forward_jacobian_determinant
+
+    d3 = torch.randn(2, 3, 5, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(forward_jacobian_determinant(d3)[:, :-1, :-1, :-1], forward_det(d3))
+    d2 = torch.randn(2, 2, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(forward_jacobian_determinant(d2)[:, :-1, :-1], forward_det(d2))
+
+
+def test_a_checkerboard_that_central_differences_miss_is_repaired():
+    # d = ±0.6 alternating from voxel to voxel: central differences are 0 inside (det J = 1),
+    # forward differences ±1.2 fold every cell.
+    f = sample_slice(32)
+    y, x = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    board = (0.6 * (-1.0) ** (y + x)).expand(1, 2, 32, 32).clone()
+    assert float(nt.fold_percent(board)[0]) < 50 and float(forward_det(board).min()) < 0
+    with pytest.warns(UserWarning, match=r"^initial_displacement: folds"):
+        d = nt.register(f, raw_warp(f, torch.full((1, 2, 32, 32), 0.7)),
+                        initial_displacement=board)
+    assert_fold_free(d)
