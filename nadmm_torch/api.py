@@ -38,6 +38,12 @@ def register(
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
     ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
     Runs without building an autograd graph unless an input requires grad.
+
+    The returned field is fold-free (``det(I + ∇d) > 0``). A folding ``initial_displacement``
+    is repaired before solving, with a warning (``diagnostics.initial_fold_percent`` holds its
+    fold percentage), or refused with a ValueError where it folds at more than 50 % of the
+    voxels (a mirror flip). A batch element with a constant fixed or moving image is not
+    registered: it gets the initial displacement (or zero), with a warning naming it.
     """
     model = NADMMRegistration(
         preset, data_term=data_term, order=order, compile=compile, **overrides

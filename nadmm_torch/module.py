@@ -119,6 +119,12 @@ class NADMMRegistration(nn.Module):
         ``"moving"`` (then ``moving=None``): spacing is then read from the fixed image and
         ``S`` is the array order ``(Z, Y, X)`` (see :func:`nadmm_torch.io.unpack_torchio_pair`;
         :func:`nadmm_torch.io.to_torchio` turns results back into TorchIO images).
+
+    Policies (see :func:`nadmm_torch.ops.solver.solve`): the returned field is fold-free; a
+    folding initial displacement is repaired with a warning, or refused above 50 % folded; a
+    batch element with a constant image gets the initial displacement (or zero) with a
+    warning; a non-finite hyperparameter raises, naming it. The state dict carries the
+    settings, and loading it into a module with other settings raises.
     """
 
     def __init__(
