@@ -87,16 +87,6 @@ def check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
 
 
-def check_not_constant(x: Tensor, name: str) -> None:
-    """Each batch element must vary (for callers that need it; the registration accepts a
-    constant image and returns the initial displacement for it)."""
-    flat = x.detach().flatten(1)
-    const = flat.amax(dim=1) == flat.amin(dim=1)
-    if bool(const.any()):
-        idx = torch.nonzero(const).flatten().tolist()
-        raise ValueError(f"{name}: is constant (batch element(s) {idx}); nothing to register")
-
-
 def check_same_device(x: Tensor, device: torch.device, name: str, other: str) -> None:
     """``x`` must be on ``device`` (where ``other``, e.g. "fixed", lives)."""
     if x.device != device:
