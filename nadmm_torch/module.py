@@ -10,6 +10,7 @@ state dict too, and loading it into a module with other settings is refused.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 
@@ -73,7 +74,7 @@ def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
         state_dict[key] = None  # strict loading would report the entry as missing
         return
     mine = module._settings()
-    theirs = saved.get("settings", {}) if isinstance(saved, dict) else {}
+    theirs = _decode_settings(saved)
     diffs = [
         f"{name}: saved {theirs.get(name, '(absent)')!r}, this module {value!r}"
         for name, value in mine.items()
@@ -86,8 +87,20 @@ def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
         )
 
 
+def _decode_settings(saved) -> dict:
+    """The settings record of :meth:`NADMMRegistration.get_extra_state` (a uint8 tensor of
+    JSON), or a ValueError saying the entry is not one."""
+    try:
+        doc = json.loads(bytes(saved.detach().cpu().to(torch.uint8).tolist()).decode())
+        return dict(doc["settings"])
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"state_dict: '_extra_state' is not a NADMMRegistration settings record ({exc})"
+        ) from None
+
+
 def _normal(value):
-    """Tuples and lists alike (a state dict may come back through JSON or YAML)."""
+    """Tuples and lists alike (the record is JSON)."""
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -163,11 +176,15 @@ class NADMMRegistration(nn.Module):
         self.register_load_state_dict_pre_hook(_check_saved_settings)
 
     # -- the settings travel with the state dict -------------------------------------------
-    def get_extra_state(self) -> dict:
+    def get_extra_state(self) -> Tensor:
         """The settings that give the stored tensors their meaning, saved in the state dict
         (``"_extra_state"``) and checked when it is loaded (see :func:`_check_saved_settings`).
+
+        A uint8 tensor holding JSON, so that every value of the state dict stays a tensor
+        (code that clones, moves or filters a state dict by tensor methods keeps working).
         """
-        return {"settings": self._settings(), "format": 1}
+        doc = json.dumps({"format": 1, "settings": self._settings()}, sort_keys=True)
+        return torch.tensor(list(doc.encode()), dtype=torch.uint8)
 
     def set_extra_state(self, state) -> None:
         """Nothing to restore: the settings were checked before any tensor was loaded."""

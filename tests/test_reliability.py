@@ -296,6 +296,10 @@ def test_state_dict_of_other_settings_is_refused_before_anything_loads():
     # inside another module (a prefix), too
     with pytest.raises(ValueError, match=r"order: saved 1, this module 3"):
         torch.nn.Sequential(order3).load_state_dict(torch.nn.Sequential(order1).state_dict())
+    broken = dict(order1.state_dict(), _extra_state=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"^state_dict: '_extra_state' is not a "
+                                         "NADMMRegistration settings record"):
+        order1.load_state_dict(broken)
 
 
 def test_state_dict_round_trip_and_old_state_dicts(tmp_path):
@@ -305,6 +309,8 @@ def test_state_dict_round_trip_and_old_state_dicts(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(trained.state_dict(), path)
     state = torch.load(path, weights_only=True)  # plain data: loads with weights_only
+    assert all(torch.is_tensor(v) for v in state.values())  # generic state-dict code works
+    state = {k: v.clone() for k, v in state.items()}
     fresh = nt.NADMMRegistration(order=1, learnable=True, lam=3.0)  # λ is carried, not compared
     fresh.load_state_dict(state)
     assert torch.equal(fresh.log_lam, trained.log_lam)
