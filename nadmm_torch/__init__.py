@@ -7,6 +7,7 @@ Public API::
     warp(image, displacement, mode="bilinear" | "nearest")
     affine(fixed, moving, *, spacing=None, similarity="ncc" | "mi", ...) -> A (B, ndim, ndim+1)
     affine_to_displacement(A, shape)
+    warp_labels(labels, displacement)  (integer label maps, argmax of the warped one-hot)
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
@@ -19,7 +20,7 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 """
 
 from . import losses, metrics
-from .api import affine, affine_to_displacement, register, warp
+from .api import affine, affine_to_displacement, register, warp, warp_labels
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
 from .ops.solver import Diagnostics, SolverConfig
@@ -44,6 +45,7 @@ __all__ = [
     "warp",
     "affine",
     "affine_to_displacement",
+    "warp_labels",
     "metrics",
     "losses",
     "RegistrationLightningModule",

@@ -1,4 +1,4 @@
-"""One-call functions: ``register`` and ``warp`` (validated; for tensors)."""
+"""One-call functions: ``register``, ``warp`` and ``warp_labels`` (validated; for tensors)."""
 
 from __future__ import annotations
 
@@ -50,6 +50,12 @@ def register(
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
     ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
     Runs without building an autograd graph unless an input requires grad.
+
+    The returned field is fold-free (``det(I + ∇d) > 0``). A folding ``initial_displacement``
+    is repaired before solving, with a warning (``diagnostics.initial_fold_percent`` holds its
+    fold percentage), or refused with a ValueError where it folds at more than 50 % of the
+    voxels (a mirror flip). A batch element with a constant fixed or moving image is not
+    registered: it gets the initial displacement (or zero), with a warning naming it.
     """
     if affine is not False:
         fixed, moving, spacing, initial_displacement = _affine_start(
@@ -179,3 +185,31 @@ def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
         # compute in float32 (the policy of register) and return the image's dtype.
         return _warp.warp(image.float(), displacement.float(), mode).to(image.dtype)
     return _warp.warp(image, displacement.to(image.dtype), mode)
+
+
+def warp_labels(labels: Tensor, displacement: Tensor) -> Tensor:
+    """Warp an integer label map: argmax of the linearly warped one-hot encoding.
+
+    Smoother than nearest-neighbour warping (each voxel takes the label with the largest
+    interpolated share). Only the labels present are encoded, a few at a time, so large ids
+    (FreeSurfer-style, e.g. 60000) cost no more memory than small ones.
+
+    ``labels``: ``(B, 1, *S)`` integer (or bool) label map; ``displacement``: ``(B, ndim, *S)``
+    voxel units, finite. Returns ``(B, 1, *S)`` of the labels' dtype.
+    """
+    labels = check_tensor(labels, "labels")
+    if labels.dim() not in (4, 5) or labels.shape[1] != 1:
+        raise ValueError(
+            f"labels: expected a (B, 1, H, W) or (B, 1, D, H, W) label map, got shape "
+            f"{tuple(labels.shape)}"
+        )
+    check_nonempty(labels, "labels")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(
+            f"labels: expected an integer label map, got dtype {labels.dtype}; convert with "
+            ".long() (or use nadmm_torch.warp for intensities)"
+        )
+    displacement = check_displacement(displacement, "displacement", like=labels)
+    if displacement.dtype in LOW_PRECISION:
+        displacement = displacement.float()
+    return _warp.warp_labels(labels, displacement)

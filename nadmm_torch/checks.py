@@ -1,7 +1,7 @@
 """Input validation in one place: every public entry point checks its arguments here.
 
-Each error names the argument and says what was expected. Checks that need the values (finite,
-non-constant) cost one reduction and one host synchronisation per image; they run once per
+Each error names the argument and says what was expected. Checks that need the values (finite)
+cost one reduction and one host synchronisation per image; they run once per
 call, never inside the solver's loops. Structural checks (type, shape, dtype, device) run
 before any check that reads values, so a tensor on the wrong device is reported as such.
 
@@ -11,6 +11,8 @@ Policies:
   (select or average the channels first); :func:`nadmm_torch.warp` warps any ``C``.
 * dtypes: float32/float64 are computed as given; float16/bfloat16 are computed in float32
   (the displacement is float32); integer, bool and complex images are refused.
+* constant images are not refused: the solver returns the initial displacement (or zero) for
+  such a batch element, with a warning (one blank crop must not stop a training run).
 * sizes: every spatial axis needs at least :data:`MIN_AXIS` voxels, or exactly 1 (a single
   slice, which the pyramid never downsamples); a 2- or 3-voxel axis is almost always a mix-up
   of axes (e.g. RGB or a vector component taken as a spatial axis).
@@ -68,20 +70,21 @@ def check_image(x: object, name: str, ndim: int | None = None) -> Tensor:
     return x
 
 
+def check_has_data(x: Tensor, name: str) -> None:
+    """``x`` must hold values: a meta tensor (shape and dtype only) cannot be registered."""
+    if x.is_meta:
+        raise ValueError(
+            f"{name}: meta tensors have no data; create or load it on a real device "
+            "(cpu, cuda) instead"
+        )
+
+
 def check_finite(x: Tensor, name: str) -> None:
+    check_has_data(x, name)  # the first check that reads values
     if not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
         raise ValueError(f"{name}: contains non-finite values ({n_nan} NaN, {n_inf} Inf)")
-
-
-def check_not_constant(x: Tensor, name: str) -> None:
-    """Each batch element must vary: a constant image carries no information to register."""
-    flat = x.detach().flatten(1)
-    const = flat.amax(dim=1) == flat.amin(dim=1)
-    if bool(const.any()):
-        idx = torch.nonzero(const).flatten().tolist()
-        raise ValueError(f"{name}: is constant (batch element(s) {idx}); nothing to register")
 
 
 def check_same_device(x: Tensor, device: torch.device, name: str, other: str) -> None:
@@ -119,8 +122,8 @@ def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     # Values last: these synchronise with the device.
     check_finite(fixed, "fixed")
     check_finite(moving, "moving")
-    check_not_constant(fixed, "fixed")
-    check_not_constant(moving, "moving")
+    # A constant image is not an error: the solver returns the initial displacement (or zero)
+    # for that batch element, with a warning (see nadmm_torch.ops.solver.solve).
     return fixed, moving
 
 
@@ -129,12 +132,28 @@ def _is_real(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+# Bounds that keep the solver's float32 arithmetic finite (λ h^-2n, 1/θ, h² Λ_n): beyond
+# them a field silently comes back zero or an overflow error is raised from deep inside.
+SPACING_BOUNDS = (1e-6, 1e6)  # mm
+WEIGHT_BOUNDS = (1e-12, 1e12)  # λ and θ
+
+
+def _as_python(value: object) -> object:
+    """Tensors, NumPy arrays and NumPy scalars as Python numbers (0-d) or flat lists; any
+    other value as it is."""
+    if isinstance(value, Tensor):
+        value = value.detach()
+    elif not (type(value).__module__ == "numpy" and hasattr(value, "tolist")):
+        return value
+    return value.tolist() if value.ndim == 0 else value.flatten().tolist()
+
+
 def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
-    """``None`` or ``ndim`` positive finite numbers (mm, in the order of the spatial axes)."""
+    """``None`` or ``ndim`` positive finite numbers (mm, in the order of the spatial axes), each
+    within :data:`SPACING_BOUNDS`. A number, a sequence, a tensor or a NumPy array."""
     if spacing is None:
         return None
-    if isinstance(spacing, Tensor):
-        spacing = spacing.detach().flatten().tolist()
+    spacing = _as_python(spacing)
     if isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)):
         # One-element tensors (e.g. from a header) count as numbers.
         spacing = [h.item() if isinstance(h, Tensor) and h.numel() == 1 else h for h in spacing]
@@ -152,6 +171,12 @@ def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
     out = tuple(float(h) for h in spacing)
     if not all(h > 0 and h < float("inf") for h in out):
         raise ValueError(f"spacing: expected positive finite values, got {out}")
+    lo, hi = SPACING_BOUNDS
+    if not all(lo <= h <= hi for h in out):
+        raise ValueError(
+            f"spacing: expected values in [{lo:g}, {hi:g}] mm (beyond them the solver's "
+            f"float32 arithmetic overflows), got {out}"
+        )
     return out
 
 
@@ -200,6 +225,14 @@ POSITIVE_PER_LEVEL = "a positive finite number, or one per level"
 BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "normalize", "anisotropic_pyramid")
 
 
+def check_bool(value: object, name: str) -> bool:
+    """``True`` or ``False`` (NumPy's too); a truthy string such as ``'no'`` must not pass."""
+    numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool:
+        return bool(value)
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -216,8 +249,23 @@ def _check_positive(value: object, name: str, what: str = "a positive finite num
     return float(value)
 
 
+def _check_weight(value: object, name: str) -> float:
+    """λ or θ: positive, finite and within :data:`WEIGHT_BOUNDS`."""
+    v = _check_positive(value, name, POSITIVE_PER_LEVEL)
+    lo, hi = WEIGHT_BOUNDS
+    if not lo <= v <= hi:
+        raise ValueError(
+            f"{name}: expected values in [{lo:g}, {hi:g}] (beyond them the solver's float32 "
+            f"arithmetic overflows or underflows), got {value!r}"
+        )
+    return v
+
+
 def _per_level(value: object, name: str, check):
-    """A scalar, or a sequence (one per level), each passing ``check``; returns the same kind."""
+    """A scalar, or a sequence (one per level), each passing ``check``; returns the same kind.
+    NumPy arrays and scalars count as sequences and numbers."""
+    if not isinstance(value, Tensor):  # a tensor λ is refused by ``check`` (not a number)
+        value = _as_python(value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) == 0:
             raise ValueError(f"{name}: expected a value or one value per level, got {value!r}")
@@ -247,9 +295,7 @@ def check_options(
     opts = {k: v for k, v in options.items() if v is not None}
     for name in ("lam", "theta"):
         if name in opts:
-            out[name] = _per_level(
-                opts[name], name, lambda v, n=name: _check_positive(v, n, POSITIVE_PER_LEVEL)
-            )
+            out[name] = _per_level(opts[name], name, lambda v, n=name: _check_weight(v, n))
     for name in ("levels", "min_level_size"):
         if name in opts:
             out[name] = _check_int(opts[name], name, 1)
@@ -276,8 +322,8 @@ def check_options(
             raise ValueError(f"restart_eta: expected a number in (0, 1], got {v!r}")
         out["restart_eta"] = float(v)
     for name in BOOL_OPTIONS:
-        if name in opts and not isinstance(opts[name], bool):
-            raise ValueError(f"{name}: expected True or False, got {opts[name]!r}")
+        if name in opts:
+            out[name] = check_bool(opts[name], name)
     if "boundary" in opts:
         check_choice(opts["boundary"], "boundary", BOUNDARIES)
     if "frozen_axes" in opts:

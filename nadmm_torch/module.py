@@ -3,11 +3,14 @@
 Hyperparameters live in unconstrained form: ``λ = exp(log_lam)``, ``θ = exp(log_theta)``,
 momentum ``a_k = sigmoid(momentum_logit)``, step scale ``exp(log_step)``. So positivity and
 ``0 < a_k < 1`` hold by construction, whatever the optimiser does. What is not learnable is
-kept as a buffer (it moves with ``.to()`` and is saved in the state dict).
+kept as a buffer (it moves with ``.to()`` and is saved in the state dict). The settings that
+give these tensors their meaning (data term, order, levels, iterations, ...) are saved in the
+state dict too, and loading it into a module with other settings is refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 
@@ -15,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .checks import (
+    check_bool,
     check_displacement,
     check_learnable,
     check_module_device,
@@ -24,9 +28,13 @@ from .checks import (
     check_spacing,
 )
 from .ops.solver import Diagnostics, SolverConfig, compile_mode, solve
-from .presets import preset_config
+from .presets import CONFIG_FIELDS, preset_config
 
 LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
+# Stored tensor -> learnable name; ``log_*`` are exponentiated (so must stay within exp's range).
+HYPERPARAMETERS = {
+    "log_lam": "lambda", "log_theta": "theta", "momentum_logit": "momentum", "log_step": "step"
+}
 
 
 def _parse_learnable(learnable: bool | str | Iterable[str] | None) -> frozenset[str]:
@@ -49,6 +57,51 @@ def prepare_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     if fixed.dtype in (torch.float16, torch.bfloat16):
         fixed, moving = fixed.float(), moving.float()
     return fixed, moving
+
+
+def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
+    """Load-state-dict pre-hook: refuse a state dict saved from a module with other settings
+    (an order-1 module's λ would otherwise load silently into an order-3 one), before any
+    tensor is copied, naming the fields that differ.
+
+    λ and θ are not compared: the state dict carries them (``log_lam``/``log_theta``), the
+    module's ``config`` only gave their initial values. A state dict without the entry (saved
+    before settings were stored) loads as before, unchecked, also with ``strict=True``.
+    """
+    key = prefix + "_extra_state"
+    saved = state_dict.get(key)
+    if saved is None:
+        state_dict[key] = None  # strict loading would report the entry as missing
+        return
+    mine = module._settings()
+    theirs = _decode_settings(saved)
+    diffs = [
+        f"{name}: saved {theirs.get(name, '(absent)')!r}, this module {value!r}"
+        for name, value in mine.items()
+        if _normal(theirs.get(name)) != _normal(value)
+    ]
+    if diffs:
+        raise ValueError(
+            f"state_dict: saved from a NADMMRegistration with other settings ({'; '.join(diffs)}); "
+            "build the module with the saved settings before loading"
+        )
+
+
+def _decode_settings(saved) -> dict:
+    """The settings record of :meth:`NADMMRegistration.get_extra_state` (a uint8 tensor of
+    JSON), or a ValueError saying the entry is not one."""
+    try:
+        doc = json.loads(bytes(saved.detach().cpu().to(torch.uint8).tolist()).decode())
+        return dict(doc["settings"])
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"state_dict: '_extra_state' is not a NADMMRegistration settings record ({exc})"
+        ) from None
+
+
+def _normal(value):
+    """Tuples and lists alike (the record is JSON)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 class NADMMRegistration(nn.Module):
@@ -79,6 +132,12 @@ class NADMMRegistration(nn.Module):
         ``"moving"`` (then ``moving=None``): spacing is then read from the fixed image and
         ``S`` is the array order ``(Z, Y, X)`` (see :func:`nadmm_torch.io.unpack_torchio_pair`;
         :func:`nadmm_torch.io.to_torchio` turns results back into TorchIO images).
+
+    Policies (see :func:`nadmm_torch.ops.solver.solve`): the returned field is fold-free; a
+    folding initial displacement is repaired with a warning, or refused above 50 % folded; a
+    batch element with a constant image gets the initial displacement (or zero) with a
+    warning; a non-finite hyperparameter raises, naming it. The state dict carries the
+    settings, and loading it into a module with other settings raises.
     """
 
     def __init__(
@@ -101,7 +160,7 @@ class NADMMRegistration(nn.Module):
         self.config: SolverConfig = preset_config(preset, data_term, order, **overrides)
         self.learnable = _parse_learnable(learnable)
         self.schedule = schedule
-        self.checkpoint = checkpoint
+        self.checkpoint = check_bool(checkpoint, "checkpoint")
         self.compile = compile
         cfg = self.config
         k_max, w_max = max(cfg.iterations), max(cfg.warps)
@@ -114,6 +173,27 @@ class NADMMRegistration(nn.Module):
         a = torch.tensor(nesterov_momentum(k_max), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
         self._store("momentum_logit", torch.logit(a).repeat(cfg.levels, 1), "momentum")
         self._store("log_step", torch.zeros(cfg.levels, w_max, dtype=torch.float64), "step")
+        self.register_load_state_dict_pre_hook(_check_saved_settings)
+
+    # -- the settings travel with the state dict -------------------------------------------
+    def get_extra_state(self) -> Tensor:
+        """The settings that give the stored tensors their meaning, saved in the state dict
+        (``"_extra_state"``) and checked when it is loaded (see :func:`_check_saved_settings`).
+
+        A uint8 tensor holding JSON, so that every value of the state dict stays a tensor
+        (code that clones, moves or filters a state dict by tensor methods keeps working).
+        """
+        doc = json.dumps({"format": 1, "settings": self._settings()}, sort_keys=True)
+        return torch.tensor(list(doc.encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        """Nothing to restore: the settings were checked before any tensor was loaded."""
+
+    def _settings(self) -> dict:
+        c = self.config
+        out = {name: getattr(c, name) for name in CONFIG_FIELDS if name not in ("lam", "theta")}
+        out["schedule"] = self.schedule
+        return out
 
     def _store(self, name: str, value: Tensor, key: str) -> None:
         value = value.float()
@@ -121,6 +201,30 @@ class NADMMRegistration(nn.Module):
             self.register_parameter(name, nn.Parameter(value))
         else:
             self.register_buffer(name, value)
+
+    def check_hyperparameters(self) -> None:
+        """Raise if a stored hyperparameter (learnable or not) is NaN or ±inf, or its
+        exponential over- or underflows: after an optimiser blow-up the solver would
+        otherwise return ``d ≡ 0`` or NaN without a word. One host synchronisation."""
+        bad = []
+        for attr in HYPERPARAMETERS:
+            t = getattr(self, attr).detach()
+            ok = torch.isfinite(t)
+            if attr.startswith("log_"):
+                e = t.exp()
+                ok = ok & torch.isfinite(e) & (e > 0)
+            bad.append(~ok.all())
+        if not bool(torch.stack(bad).any()):
+            return
+        for (attr, key), b in zip(HYPERPARAMETERS.items(), bad):
+            if bool(b):
+                t = getattr(self, attr).detach()
+                kind = "learnable parameter" if key in self.learnable else "buffer"
+                raise ValueError(
+                    f"{attr} ({kind} {key!r}): holds non-finite values or values whose "
+                    f"exponential overflows (min {float(t.min())}, max {float(t.max())}); an "
+                    "optimiser step diverged? Lower the learning rate or clip the gradients"
+                )
 
     # -- hyperparameters as the solver wants them -------------------------------------------
     def hyperparameters(self, dtype: torch.dtype) -> dict:
@@ -150,6 +254,7 @@ class NADMMRegistration(nn.Module):
         initial_displacement: Tensor | None = None,
         return_diagnostics: bool = False,
     ) -> Tensor | tuple[Tensor, Diagnostics]:
+        return_diagnostics = check_bool(return_diagnostics, "return_diagnostics")
         if not (isinstance(fixed, Tensor) and isinstance(moving, Tensor)):
             from .io import unpack_torchio_pair  # TorchIO images / subject: spacing from them
 
@@ -164,8 +269,8 @@ class NADMMRegistration(nn.Module):
             initial_displacement = check_displacement(
                 initial_displacement, "initial_displacement", like=fixed
             )
+        self.check_hyperparameters()
         params = self.hyperparameters(fixed.dtype)
-        params = {k: v for k, v in params.items()}
         d, diag = solve(
             fixed,
             moving,

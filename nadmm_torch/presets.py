@@ -70,9 +70,11 @@ def preset_config(
     """The :class:`SolverConfig` of a named preset, with any field overridden.
 
     ``lam``/``theta`` default to the tuned values for (preset, data_term, order); orders without
-    tuned values use those of the nearest tuned order. Tuned per-level values follow an
-    overridden ``levels`` by resolution: the finest levels keep theirs, added coarser levels
-    take the coarsest value.
+    tuned values use those of the nearest tuned order. The preset's per-level values (λ, θ,
+    ``iterations``, ``warps``) follow an overridden ``levels`` by resolution, unless given
+    explicitly: the finest levels keep theirs, added coarser levels take the coarsest value.
+    A pyramid left with no level that warps (``fast``, whose finest level has none, at
+    ``levels=1``) runs the finest solved level's warps at the finest level instead.
     """
     from .checks import check_options  # the one place for option validation
 
@@ -82,10 +84,15 @@ def preset_config(
     lam, theta = TUNED[(preset, data_term, nearest)]
     settings = dict(PRESETS[preset], data_term=data_term, order=order, lam=lam, theta=theta)
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    for name in ("lam", "theta"):
+    levels = settings.get("levels", SolverConfig.levels)
+    for name in ("lam", "theta", "iterations", "warps"):
         value = settings[name]
         if isinstance(value, tuple) and overrides.get(name) is None:
-            settings[name] = _per_resolution(value, settings.get("levels", SolverConfig.levels))
+            settings[name] = _per_resolution(value, levels)
+    warps = settings["warps"]
+    if overrides.get("warps") is None and not any(warps):
+        solved = [w for w in PRESETS[preset]["warps"] if w > 0]
+        settings["warps"] = (*warps[:-1], solved[-1])
     return SolverConfig(**settings)
 
 

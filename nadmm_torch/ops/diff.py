@@ -1,7 +1,9 @@
 """Finite differences on ``(B, C, *S)`` grids and the Jacobian determinant of displacements.
 
 Central differences with replicated borders (one-sided half-differences at the two ends of an
-axis; zero along an axis of size 1). Spacing, where given, is in the order of ``S``.
+axis; zero along an axis of size 1). Spacing, where given, is in the order of ``S``. Forward
+differences (zero at the last index of an axis) see what central ones cannot: an oscillation
+from voxel to voxel (a checkerboard) has zero central difference however large it is.
 """
 
 from __future__ import annotations
@@ -89,6 +91,28 @@ def jacobian_determinant(displacement: Tensor) -> Tensor:
     # Entries of I + ∇d taken from the gradients directly, without building the (B, n, n, *S)
     # matrix: the safeguard evaluates this after every warp.
     grads = [central_difference(displacement, 2 + j) for j in range(ndim)]  # ∂_j d, (B, n, *S)
+    return _determinant(
+        ndim, lambda i, j: grads[j][:, i] + 1.0 if i == j else grads[j][:, i]
+    )
+
+
+def forward_difference(x: Tensor, dim: int) -> Tensor:
+    """``x[i+1] - x[i]`` along ``dim`` (0 at the last index); same shape as ``x``."""
+    n = x.shape[dim]
+    if n == 1:
+        return torch.zeros_like(x)
+    diff = x.narrow(dim, 1, n - 1) - x.narrow(dim, 0, n - 1)
+    return torch.cat([diff, torch.zeros_like(x.narrow(dim, 0, 1))], dim=dim)
+
+
+def forward_jacobian_determinant(displacement: Tensor) -> Tensor:
+    """``det(I + ∇d)`` with forward differences (voxel units): ``(B, ndim, *S)`` → ``(B, *S)``.
+
+    At voxel ``x`` this is the determinant of the map on the cell spanned by ``x`` and its
+    forward neighbours (at the last index of an axis, that axis's column is the identity's).
+    """
+    ndim = displacement.shape[1]
+    grads = [forward_difference(displacement, 2 + j) for j in range(ndim)]
     return _determinant(
         ndim, lambda i, j: grads[j][:, i] + 1.0 if i == j else grads[j][:, i]
     )

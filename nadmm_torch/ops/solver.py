@@ -16,12 +16,17 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .admm import DATA_TERMS, nesterov_admm
-from .diff import jacobian_determinant, spatial_gradient
+from .diff import forward_jacobian_determinant, jacobian_determinant, spatial_gradient
 from .fourier import BOUNDARIES
 from .warp import compose, resize, resize_displacement, warp
 
 # Step scales tried, largest first, by the safeguard; 0 keeps the previous displacement.
 SAFEGUARD_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
+# An initial displacement folding (det J <= 0) at more than this percentage of a batch
+# element's voxels is refused rather than repaired: it reverses orientation over much of the
+# image (a mirror flip: det J = -1 everywhere), and no smoothing turns it into a
+# diffeomorphism that means what the caller meant.
+MAX_INITIAL_FOLD_PERCENT = 50.0
 # ``compile=`` choices of :func:`solve`: False (eager), True (= "default"), or a torch.compile
 # mode; "reduce-overhead" replays CUDA graphs on a GPU (on a CPU it is the default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -77,8 +82,8 @@ class SolverConfig:
                 object.__setattr__(self, name, (value,) * self.levels)
             elif len(value) != self.levels or any(int(v) < least for v in value):
                 raise ValueError(
-                    f"{name} must be {self.levels} integers >= {least} (one per level), "
-                    f"got {value!r}"
+                    f"{name}: expected one integer >= {least}, or {self.levels} of them (one "
+                    f"per level, coarse to fine, for levels={self.levels}), got {value!r}"
                 )
         if isinstance(self.frozen_axes, str):
             if self.frozen_axes != "thick":
@@ -98,7 +103,10 @@ class SolverConfig:
         if isinstance(value, (int, float)):
             return (float(value),) * self.levels
         if len(value) != self.levels:
-            raise ValueError(f"{name} must be a float or {self.levels} floats, got {value!r}")
+            raise ValueError(
+                f"{name}: expected one number, or {self.levels} of them (one per level, coarse "
+                f"to fine, for levels={self.levels}), got {value!r}"
+            )
         return tuple(float(v) for v in value)
 
     def scaled(self, name: str, factor: float) -> tuple[float, ...]:
@@ -118,6 +126,11 @@ class Diagnostics:
     admm_iterations: list[list[Tensor]] = field(default_factory=list)  # per warp, (B,)
     residuals: list[list[list[Tensor]]] = field(default_factory=list)  # per warp, per iteration
     step_scales: list[list[Tensor]] = field(default_factory=list)  # safeguard, per warp, (B,)
+    # Batch elements with a constant image: not registered (initial displacement returned).
+    constant_elements: list[int] = field(default_factory=list)
+    # Per batch element, % of voxels where the given initial displacement folded (repaired
+    # before solving); None without an initial displacement or with the safeguard off.
+    initial_fold_percent: list[float] | None = None
 
 
 def pyramid_factors(
@@ -159,16 +172,79 @@ def frozen_axes(config: SolverConfig, spacing: Sequence[float]) -> tuple[int, ..
 
 
 def normalise_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
-    """Joint min–max scaling of each pair to [0, 1], so λ means the same for any scanner range."""
+    """Joint min–max scaling of each pair to [0, 1], so λ means the same for any scanner range.
+
+    A pair that is constant as a whole (one value in both images) becomes zeros, with finite
+    gradients (its range is replaced by 1, not divided by).
+    """
     dims = tuple(range(1, fixed.dim()))
     lo = torch.minimum(fixed.amin(dim=dims, keepdim=True), moving.amin(dim=dims, keepdim=True))
     hi = torch.maximum(fixed.amax(dim=dims, keepdim=True), moving.amax(dim=dims, keepdim=True))
-    scale = (hi - lo).clamp_min(torch.finfo(fixed.dtype).tiny)
+    span = hi - lo
+    scale = torch.where(span > 0, span, torch.ones_like(span))
     return (fixed - lo) / scale, (moving - lo) / scale
+
+
+def constant_elements(fixed: Tensor, moving: Tensor) -> Tensor:
+    """``(B,)`` bool: batch elements where the fixed or the moving image is constant."""
+    def const(x: Tensor) -> Tensor:
+        flat = x.detach().flatten(1)
+        return flat.amax(dim=1) == flat.amin(dim=1)
+
+    return const(fixed) | const(moving)
+
+
+def repair_initial(
+    d: Tensor, min_jacobian: float = 0.0, name: str = "initial_displacement"
+) -> tuple[Tensor, list[float]]:
+    """An initial displacement made fold-free before solving, so the returned field is too.
+
+    Where ``det(I + ∇d) <= min_jacobian`` somewhere (central or forward differences, see
+    :func:`fold_determinant`) it is repaired by :func:`repair_folds` (local smoothing around
+    the folds) with a warning. A batch element whose fold percentage (central differences,
+    as :func:`nadmm_torch.metrics.fold_percent`) exceeds :data:`MAX_INITIAL_FOLD_PERCENT` is
+    refused with a ValueError: that is an orientation-reversing field, not a noisy one. One
+    host synchronisation when nothing folds.
+
+    Returns:
+        ``(d, fold percent per batch element before the repair)``.
+    """
+    central = jacobian_determinant(d).flatten(1)
+    percent = (central <= 0).to(d.dtype).mean(1) * 100.0  # = metrics.fold_percent
+    bad = (fold_determinant(d).flatten(1) <= min_jacobian).any(1).to(d.dtype)
+    percent, bad = torch.stack([percent, bad]).tolist()  # one host synchronisation
+    if not any(bad):
+        return d, percent
+    refused = {i: p for i, p in enumerate(percent) if p > MAX_INITIAL_FOLD_PERCENT}
+    if refused:
+        figures = ", ".join(f"element {i}: {p:.1f} %" for i, p in refused.items())
+        raise ValueError(
+            f"{name}: folds (det J <= 0) at more than {MAX_INITIAL_FOLD_PERCENT:g} % of the "
+            f"voxels ({figures}): an orientation-reversing field (e.g. a mirror flip) cannot "
+            "be repaired into a diffeomorphism; pass a field that folds less, or none"
+        )
+    folded = {i: p for i, p in enumerate(percent) if p > 0}
+    warnings.warn(
+        f"{name}: folds (det J <= 0) at "
+        + ", ".join(f"{p:.2f} % of the voxels of batch element {i}" for i, p in folded.items())
+        + "; repaired by local smoothing before registering (the returned field is fold-free)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return repair_folds(d, min_jacobian, forward=True), percent
 
 
 def _min_jacobian(d: Tensor) -> Tensor:
     return jacobian_determinant(d).flatten(1).amin(dim=1)
+
+
+def fold_determinant(d: Tensor) -> Tensor:
+    """``(B, *S)``: the smaller of the central- and forward-difference ``det(I + ∇d)``.
+
+    Central differences alone miss voxel-to-voxel oscillations (a noisy field, such as a
+    network's prediction): :func:`repair_initial` checks and repairs both.
+    """
+    return torch.minimum(jacobian_determinant(d), forward_jacobian_determinant(d))
 
 
 def safeguarded_compose(
@@ -226,28 +302,42 @@ def _full_step(d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
     return full, _min_jacobian(full)
 
 
-def repair_folds(d: Tensor, min_jacobian: float = 0.0, max_rounds: int = 50) -> Tensor:
-    """Smooth ``d`` locally (around voxels with ``det(I + ∇d) <= min_jacobian``) until none is left.
+def repair_folds(
+    d: Tensor, min_jacobian: float = 0.0, max_rounds: int = 50, forward: bool = False
+) -> Tensor:
+    """Smooth ``d`` locally (around voxels with ``det(I + ∇d) <= min_jacobian``) until none is
+    left: by central differences, and with ``forward`` by forward differences too (see
+    :func:`fold_determinant`).
 
     Linear upsampling of a fold-free coarse displacement can create isolated folds on the finer
     grid (central differences of the interpolated field are not those of the coarse one); a few
     rounds of local smoothing remove them without touching the rest of the field. Falls back to
     the smoothed field everywhere if local rounds do not suffice.
     """
-    if not bool((_min_jacobian(d) <= min_jacobian).any()):  # one host sync per call
+    def folded(x: Tensor) -> Tensor:
+        det = fold_determinant(x) if forward else jacobian_determinant(x)
+        return det <= min_jacobian
+
+    if not bool(folded(d).any()):  # one host sync per call
         return d
     ndim = d.dim() - 2
     pool = torch.nn.functional.max_pool2d if ndim == 2 else torch.nn.functional.max_pool3d
     for _ in range(max_rounds):
-        bad = (jacobian_determinant(d) <= min_jacobian).unsqueeze(1).to(d.dtype)
+        bad = folded(d).unsqueeze(1).to(d.dtype)
         if not bool(bad.any()):
             return d
         region = pool(bad, kernel_size=5, stride=1, padding=2) > 0
         d = torch.where(region, _box_smooth(d), d)
     for _ in range(10 * max_rounds):  # global smoothing tends to a constant field (det 1)
-        if not bool((_min_jacobian(d) <= min_jacobian).any()):
-            break
+        if not bool(folded(d).any()):
+            return d
         d = _box_smooth(d)
+    if bool(folded(d).any()):
+        warnings.warn(
+            "repair_folds: the displacement still folds after smoothing; it is returned as is",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return d
 
 
@@ -293,15 +383,31 @@ def solve(
 
     Returns:
         ``(displacement (B, ndim, *S) in voxel units, diagnostics or None)``.
+
+    With ``config.safeguard`` (the default) the returned field is fold-free (``det(I + ∇d) >
+    min_jacobian`` by central and forward differences), whatever the initial displacement: a
+    folding one is repaired first with a warning, or refused (ValueError) where it folds at
+    more than :data:`MAX_INITIAL_FOLD_PERCENT` % of the voxels (see :func:`repair_initial`).
+    A batch element whose fixed or moving image is constant carries nothing to register: it
+    gets the (repaired) initial displacement, or zero, with a warning naming it (a blank crop
+    in a training batch does not stop the run); its gradients are zero, never NaN.
     """
     ndim = fixed.dim() - 2
     shape = tuple(fixed.shape[2:])
     spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
+    diag = Diagnostics() if diagnostics else None
+    if initial_displacement is not None and config.safeguard:
+        initial_displacement, percent = repair_initial(initial_displacement, config.min_jacobian)
+        if diag is not None:
+            diag.initial_fold_percent = percent
+    constant = _constant_elements(fixed, moving, diag)
+    if constant is not None:  # nothing to register there: zeros in, initial field out
+        fixed = torch.where(constant, torch.zeros_like(fixed), fixed)
+        moving = torch.where(constant, torch.zeros_like(moving), moving)
     if config.normalize:
         fixed, moving = normalise_pair(fixed, moving)
     lam = config.per_level("lam") if lam is None else lam
     theta = config.per_level("theta") if theta is None else theta
-    diag = Diagnostics() if diagnostics else None
     frozen = frozen_axes(config, spacing)
     keep: Tensor | None = None
     if frozen:
@@ -334,6 +440,8 @@ def solve(
                 d = fixed.new_zeros((fixed.shape[0], ndim, *size))
             else:
                 d = resize_displacement(initial_displacement.to(fixed.dtype), size)
+                if config.safeguard:
+                    d = repair_folds(d, config.min_jacobian)
         else:
             d = resize_displacement(d, size)
             if config.safeguard:
@@ -397,9 +505,31 @@ def solve(
              else initial_displacement.to(fixed.dtype))
     if tuple(d.shape[2:]) != shape:
         d = resize_displacement(d, shape)
-        if config.safeguard:
-            d = repair_folds(d, config.min_jacobian)
+    if config.safeguard:
+        d = repair_folds(d, config.min_jacobian)
+    if constant is not None:
+        fallback = (torch.zeros_like(d) if initial_displacement is None
+                    else initial_displacement.to(d.dtype))
+        d = torch.where(constant, fallback, d)
     return d, diag
+
+
+def _constant_elements(fixed: Tensor, moving: Tensor, diag: Diagnostics | None) -> Tensor | None:
+    """``(B, 1, ..., 1)`` mask of the batch elements with a constant image (``None`` if there
+    are none; one host synchronisation), with a warning naming them."""
+    constant = constant_elements(fixed, moving)
+    idx = torch.nonzero(constant).flatten().tolist()
+    if not idx:
+        return None
+    if diag is not None:
+        diag.constant_elements = idx
+    warnings.warn(
+        f"fixed/moving: constant image in batch element(s) {idx}: nothing to register there; "
+        "their displacement is the initial displacement (zero where none is given)",
+        UserWarning,
+        stacklevel=4,
+    )
+    return constant.view(-1, *([1] * (fixed.dim() - 1)))
 
 
 def compile_mode(compile: bool | str) -> str | None:

@@ -52,7 +52,33 @@ def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
     if mode not in ("bilinear", "nearest"):
         raise ValueError(f"warp: mode must be 'bilinear' or 'nearest', got {mode!r}")
     grid = _normalised_grid(displacement)
-    return F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    out = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=True)
+    if mode == "bilinear" and image.shape[2:] == displacement.shape[2:]:
+        out = _exact_where_zero(image, displacement, out)
+    return out
+
+
+def _exact_where_zero(image: Tensor, displacement: Tensor, sampled: Tensor) -> Tensor:
+    """``sampled`` with the voxels where ``d(x) = 0`` replaced by ``image(x)`` exactly.
+
+    ``grid_sample`` works in normalised coordinates: index ``i`` goes through
+    ``2 i / (n - 1) - 1`` and back, which is not exact in floating point (float32: up to
+    ~1e-5 of the image's range at 128 voxels), so a zero displacement would move the image a
+    little, and a solver whose force does not shrink with the residual (the l1 data term)
+    turns that into motion between identical images. The value is the image's own; the
+    gradient is ``grid_sample``'s (with respect to the image and the displacement), so the
+    warp stays differentiable at ``d = 0``.
+    """
+    zero = (displacement == 0).all(dim=1, keepdim=True)  # (B, 1, *S), broadcast over C
+    exact = torch.where(zero, image, sampled)
+    if torch.is_grad_enabled() and (image.requires_grad or displacement.requires_grad):
+        # value: ``exact``; gradient: ``sampled``'s everywhere
+        exact = torch.where(zero, image.detach(), sampled) + (sampled - sampled.detach()) * zero
+    return exact
+
+
+# Labels warped at once by :func:`warp_labels`: its memory is this many one-hot channels.
+LABEL_CHUNK = 16
 
 
 def sample(image: Tensor, points: Tensor, mode: str = "bilinear") -> Tensor:
@@ -82,19 +108,39 @@ def sample(image: Tensor, points: Tensor, mode: str = "bilinear") -> Tensor:
 def warp_labels(labels: Tensor, displacement: Tensor, num_classes: int | None = None) -> Tensor:
     """Warp an integer label map by argmax of the linearly warped one-hot encoding.
 
+    Only the labels present in ``labels`` are encoded (remapped to ``0 … K−1``), never
+    ``0 … max``: a FreeSurfer-style map with ids up to 60000 costs ``K`` channels, not 60001.
+    They are warped :data:`LABEL_CHUNK` at a time with a running maximum, so memory stays at
+    that many channels for any ``K``. Ties go to the smallest label (as ``argmax`` does).
+
     Args:
-        labels: ``(B, 1, *S)`` integer labels.
+        labels: ``(B, 1, *S)`` integer labels (any values, negative ones too).
         displacement: ``(B, ndim, *S)``.
-        num_classes: number of classes (default ``labels.max() + 1``).
+        num_classes: optional; if given, every label must lie in ``[0, num_classes)``.
 
     Returns:
         ``(B, 1, *S)`` labels of the same dtype.
     """
-    if num_classes is None:
-        num_classes = int(labels.max()) + 1
-    onehot = F.one_hot(labels[:, 0].long(), num_classes).movedim(-1, 1).to(displacement.dtype)
-    warped = warp(onehot, displacement, mode="bilinear")
-    return warped.argmax(dim=1, keepdim=True).to(labels.dtype)
+    values, index = torch.unique(labels, return_inverse=True)  # sorted; index: labels' shape
+    if num_classes is not None and (int(values[0]) < 0 or int(values[-1]) >= num_classes):
+        raise ValueError(
+            f"labels: expected values in [0, {num_classes}), got [{int(values[0])}, "
+            f"{int(values[-1])}]"
+        )
+    index = index[:, 0]  # (B, *S)
+    best_value = best_index = None
+    for lo in range(0, values.numel(), LABEL_CHUNK):
+        k = min(LABEL_CHUNK, values.numel() - lo)
+        ids = torch.arange(lo, lo + k, device=labels.device).view(1, k, *([1] * (index.dim() - 1)))
+        onehot = (index.unsqueeze(1) == ids).to(displacement.dtype)  # (B, k, *S)
+        chunk_value, chunk_arg = warp(onehot, displacement, mode="bilinear").max(dim=1)
+        if best_value is None:
+            best_value, best_index = chunk_value, chunk_arg
+        else:
+            better = chunk_value > best_value  # strictly: ties keep the smaller label
+            best_value = torch.where(better, chunk_value, best_value)
+            best_index = torch.where(better, chunk_arg + lo, best_index)
+    return values[best_index].unsqueeze(1).to(labels.dtype)
 
 
 def compose(d: Tensor, u: Tensor) -> Tensor:
