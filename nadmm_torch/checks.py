@@ -197,7 +197,8 @@ def check_pyramid_size(shape: Sequence[int], min_size: int = MIN_AXIS) -> None:
 # -- solver options ---------------------------------------------------------------------------
 
 POSITIVE_PER_LEVEL = "a positive finite number, or one per level"
-BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "normalize", "anisotropic_pyramid")
+BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "anisotropic_pyramid")
+NORMALIZE_CHOICES = ("percentile", "minmax", "none", True, False)
 
 
 def _is_int(v: object) -> bool:
@@ -278,6 +279,8 @@ def check_options(
     for name in BOOL_OPTIONS:
         if name in opts and not isinstance(opts[name], bool):
             raise ValueError(f"{name}: expected True or False, got {opts[name]!r}")
+    if "normalize" in opts:
+        check_choice(opts["normalize"], "normalize", NORMALIZE_CHOICES)
     if "boundary" in opts:
         check_choice(opts["boundary"], "boundary", BOUNDARIES)
     if "frozen_axes" in opts:

@@ -31,7 +31,8 @@ PRESETS: dict[str, dict] = {
     "accurate": dict(iterations=(20, 10, 10), warps=(20, 20, 10), tol_admm=None, tol_warp=1e-2),
 }
 
-# (preset, data_term, order) -> (λ, θ), for images scaled jointly to [0, 1] and spacing in mm.
+# (preset, data_term, order) -> (λ, θ), for images mapped to [0, 1] by the default
+# normalisation (joint 0.5/99.5 percentiles, ops.solver.normalise_pair) and spacing in mm.
 Value = float | tuple[float, ...]  # one for all levels, or one per level
 TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
     # paper: best mean Dice (fold-free) of the λ × θ grid, 12 tuning pairs; grid values

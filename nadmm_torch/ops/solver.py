@@ -25,6 +25,14 @@ SAFEGUARD_SCALES = (1.0, 0.5, 0.25, 0.125, 0.0625, 0.0)
 # ``compile=`` choices of :func:`solve`: False (eager), True (= "default"), or a torch.compile
 # mode; "reduce-overhead" replays CUDA graphs on a GPU (on a CPU it is the default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# ``normalize=`` choices: how a pair's intensities are mapped to about [0, 1] before solving
+# (see :func:`normalise_pair`). ``True`` is an alias of "percentile", ``False`` of "none".
+NORMALIZE_MODES = ("percentile", "minmax", "none")
+# The joint percentiles that "percentile" maps to 0 and 1 (values outside are clipped): a few
+# hot or dead voxels (up to 0.5 % of the pair) no longer set the scale of the whole problem.
+NORMALIZE_PERCENTILES = (0.5, 99.5)
+# Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
+QUANTILE_SAMPLES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,9 @@ class SolverConfig:
     whose image gradient across 5–10 mm slices is not a reliable motion cue).
     ``restart`` is on by default: without it the accelerated scheme can diverge on this
     weakly convex model once run long (see ``tests/test_admm.py``).
+    ``normalize``: intensity scaling of each pair before solving, one of
+    :data:`NORMALIZE_MODES` (``True`` means "percentile", ``False`` "none"); λ is tuned for
+    the default, "percentile".
     """
 
     data_term: str = "l2"
@@ -57,12 +68,18 @@ class SolverConfig:
     safeguard: bool = True
     min_jacobian: float = 0.0
     boundary: str = "neumann"
-    normalize: bool = True
+    normalize: str | bool = "percentile"
     anisotropic_pyramid: bool = True
     min_level_size: int = 4
     frozen_axes: tuple[int, ...] | str = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalize, bool):
+            object.__setattr__(self, "normalize", "percentile" if self.normalize else "none")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(
+                f"normalize must be one of {NORMALIZE_MODES} or a bool, got {self.normalize!r}"
+            )
         if self.data_term not in DATA_TERMS:
             raise ValueError(f"data_term must be one of {DATA_TERMS}, got {self.data_term!r}")
         if int(self.order) != self.order or self.order < 1:
@@ -158,13 +175,53 @@ def frozen_axes(config: SolverConfig, spacing: Sequence[float]) -> tuple[int, ..
     return tuple(config.frozen_axes)
 
 
-def normalise_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
-    """Joint min–max scaling of each pair to [0, 1], so λ means the same for any scanner range."""
-    dims = tuple(range(1, fixed.dim()))
-    lo = torch.minimum(fixed.amin(dim=dims, keepdim=True), moving.amin(dim=dims, keepdim=True))
-    hi = torch.maximum(fixed.amax(dim=dims, keepdim=True), moving.amax(dim=dims, keepdim=True))
-    scale = (hi - lo).clamp_min(torch.finfo(fixed.dtype).tiny)
-    return (fixed - lo) / scale, (moving - lo) / scale
+def _flat_quantiles(x: Tensor, qs: Sequence[float]) -> list[Tensor]:
+    """Lower-rank quantiles ``qs`` (fractions in [0, 1]) of each row of ``x`` ``(B, N)``, each
+    ``(B, 1)``. Rows longer than :data:`QUANTILE_SAMPLES` are evenly subsampled first (no size
+    limit, unlike ``torch.quantile``); ``kthvalue`` is differentiable (to the selected value)."""
+    n = x.shape[1]
+    if n > QUANTILE_SAMPLES:
+        x = x[:, :: -(-n // QUANTILE_SAMPLES)]
+        n = x.shape[1]
+    return [x.kthvalue(1 + round(q * (n - 1)), dim=1, keepdim=True).values for q in qs]
+
+
+def normalise_pair(
+    fixed: Tensor, moving: Tensor, mode: str = "percentile"
+) -> tuple[Tensor, Tensor]:
+    """Scale each pair jointly (one affine map for both images) so λ means the same for any
+    scanner range.
+
+    Args:
+        fixed, moving: ``(B, C, *S)``; each batch element gets its own map.
+        mode: ``"percentile"`` maps the joint :data:`NORMALIZE_PERCENTILES` (0.5 %, 99.5 %) of
+            the pair to 0 and 1 and clips the rest to [0, 1], so a few outlier voxels (a hot
+            pixel, an artefact; up to 0.5 % of the pair) do not compress the contrast of the
+            rest; where those percentiles coincide (an image almost all one value) it falls
+            back to min–max. ``"minmax"``: the joint minimum and maximum map to 0 and 1.
+            ``"none"``: the images as given.
+
+    Returns:
+        ``(fixed, moving)`` scaled, same shapes and dtype.
+    """
+    if mode == "none":
+        return fixed, moving
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"mode: expected one of {list(NORMALIZE_MODES)}, got {mode!r}")
+    b = fixed.shape[0]
+    both = torch.cat([fixed.reshape(b, -1), moving.reshape(b, -1)], dim=1)
+    lo, hi = both.amin(dim=1, keepdim=True), both.amax(dim=1, keepdim=True)
+    tiny = torch.finfo(fixed.dtype).tiny
+    if mode == "percentile":
+        p_lo, p_hi = _flat_quantiles(both, [p / 100 for p in NORMALIZE_PERCENTILES])
+        robust = (p_hi - p_lo) > tiny
+        lo, hi = torch.where(robust, p_lo, lo), torch.where(robust, p_hi, hi)
+    shape = (b,) + (1,) * (fixed.dim() - 1)
+    lo, scale = lo.view(shape), (hi - lo).clamp_min(tiny).view(shape)
+    fixed, moving = (fixed - lo) / scale, (moving - lo) / scale
+    if mode == "percentile":
+        fixed, moving = fixed.clamp(0.0, 1.0), moving.clamp(0.0, 1.0)
+    return fixed, moving
 
 
 def _min_jacobian(d: Tensor) -> Tensor:
@@ -297,8 +354,7 @@ def solve(
     ndim = fixed.dim() - 2
     shape = tuple(fixed.shape[2:])
     spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
-    if config.normalize:
-        fixed, moving = normalise_pair(fixed, moving)
+    fixed, moving = normalise_pair(fixed, moving, config.normalize)
     lam = config.per_level("lam") if lam is None else lam
     theta = config.per_level("theta") if theta is None else theta
     diag = Diagnostics() if diagnostics else None
