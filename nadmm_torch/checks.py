@@ -279,6 +279,8 @@ def check_options(
     for name in BOOL_OPTIONS:
         if name in opts and not isinstance(opts[name], bool):
             raise ValueError(f"{name}: expected True or False, got {opts[name]!r}")
+    if "lam_scaling" in opts:
+        check_choice(opts["lam_scaling"], "lam_scaling", ("gradient", "none"))
     if "normalize" in opts:
         check_choice(opts["normalize"], "normalize", NORMALIZE_CHOICES)
     if "boundary" in opts:

@@ -152,3 +152,78 @@ def test_hot_voxel_changes_acdc_dice_by_less_than_0_005():
         deltas.append(evaluate_pair(pair, hot)["dice"] - clean["dice"])
     assert abs(sum(deltas) / len(deltas)) < 0.005, deltas
     assert max(abs(x) for x in deltas) < 0.01, deltas
+
+
+# -- lam_scaling="gradient": λ relative to the pair's gradient energy --------------------------
+
+def _blob_pair(seed: int, n: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    y, x = torch.meshgrid(torch.arange(n, dtype=torch.float64),
+                          torch.arange(n, dtype=torch.float64), indexing="ij")
+    c = n / 2 + torch.randn(2, generator=g, dtype=torch.float64)
+    f = torch.exp(-((y - n / 2) ** 2 + (x - n / 2) ** 2) / 30)
+    m = torch.exp(-((y - c[0]) ** 2 + (x - c[1]) ** 2) / 30)
+    return f[None, None], m[None, None]
+
+
+def test_gradient_scale_is_the_rms_gradient_of_the_pair():
+    from nadmm_torch.ops.diff import spatial_gradient
+    from nadmm_torch.ops.solver import gradient_scale
+
+    f, m = _blob_pair(0)
+    energy = [spatial_gradient(x)[:, 0].pow(2).sum(1).mean() for x in (f, m)]
+    expected = ((energy[0] + energy[1]) / 2).sqrt()
+    torch.testing.assert_close(gradient_scale(f, m).flatten(), expected.flatten())
+    # batched: one scale per pair; contrast × 3 scales it × 3
+    both = gradient_scale(torch.cat([f, 3 * f]), torch.cat([m, 3 * m])).flatten()
+    torch.testing.assert_close(both[1], 3 * both[0])
+
+
+@pytest.mark.parametrize("data_term,power", [("l2", 2), ("l1", 1)])
+def test_gradient_scaling_equals_lambda_divided_by_the_gradient_energy(data_term, power):
+    # One level, no normalisation: lam_scaling="gradient" with λ must give exactly the
+    # displacement of lam_scaling="none" with λ / rms**power (the data term is homogeneous of
+    # degree 2 (l2) or 1 (l1) in the intensities). A test that fails if the scale is wrong.
+    from nadmm_torch.ops.solver import gradient_scale, solve
+
+    f, m = _blob_pair(1)
+    rms = float(gradient_scale(f, m))
+    common = dict(levels=1, iterations=(5,), warps=(3,), normalize="none", data_term=data_term,
+                  theta=0.1)
+    lam = 0.5
+    d_grad, _ = solve(f, m, SolverConfig(lam=lam, lam_scaling="gradient", **common))
+    d_none, _ = solve(f, m, SolverConfig(lam=lam / rms**power, lam_scaling="none", **common))
+    # l1: exact up to the v-step's 1 / (|g|² + ε), ε fixed in intensity units.
+    atol = 1e-9 if data_term == "l2" else 2e-3
+    torch.testing.assert_close(d_grad, d_none, rtol=0, atol=atol)
+    assert float(d_grad.abs().max()) > 0.05  # it moved
+
+
+def test_gradient_scaling_makes_the_result_contrast_invariant():
+    # Without normalisation, "gradient" scaling alone makes λ independent of the contrast;
+    # "none" does not (the test can fail).
+    f, m = _blob_pair(2)
+    kw = dict(normalize="none", preset="paper")
+    ref = nt.register(f, m, **kw)
+    torch.testing.assert_close(nt.register(5 * f, 5 * m, **kw), ref, rtol=0, atol=1e-8)
+    ref_none = nt.register(f, m, lam_scaling="none", **kw)
+    far = nt.register(5 * f, 5 * m, lam_scaling="none", **kw)
+    assert float((far - ref_none).abs().max()) > 0.01
+
+
+def test_presets_convert_lambda_to_gradient_units():
+    from nadmm_torch.presets import ACDC_GRADIENT_RMS
+
+    for data_term, power in (("l2", 2), ("l1", 1)):
+        old = nt.preset_config("paper", data_term, 2, lam_scaling="none")
+        new = nt.preset_config("paper", data_term, 2)
+        assert new.lam_scaling == "gradient" and old.lam_scaling == "none"
+        for a, b, r in zip(old.per_level("lam"), new.per_level("lam"), ACDC_GRADIENT_RMS):
+            assert b == pytest.approx(a * r**power)
+    assert nt.preset_config("fast", lam=2.0).lam == 2.0  # a λ given is taken as it is
+
+
+def test_bad_lam_scaling_is_rejected_by_name():
+    f = torch.rand(1, 1, 16, 16)
+    with pytest.raises(ValueError, match="lam_scaling"):
+        nt.register(f, f, lam_scaling="energy")

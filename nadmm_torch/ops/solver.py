@@ -31,6 +31,9 @@ NORMALIZE_MODES = ("percentile", "minmax", "none")
 # The joint percentiles that "percentile" maps to 0 and 1 (values outside are clipped): a few
 # hot or dead voxels (up to 0.5 % of the pair) no longer set the scale of the whole problem.
 NORMALIZE_PERCENTILES = (0.5, 99.5)
+# ``lam_scaling=`` choices: "gradient" measures the data term in units of the pair's RMS image
+# gradient at each level (see :func:`gradient_scale`); "none" uses the normalised intensities.
+LAM_SCALINGS = ("gradient", "none")
 # Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
 QUANTILE_SAMPLES = 1 << 21
 
@@ -51,6 +54,10 @@ class SolverConfig:
     ``normalize``: intensity scaling of each pair before solving, one of
     :data:`NORMALIZE_MODES` (``True`` means "percentile", ``False`` "none"); λ is tuned for
     the default, "percentile".
+    ``lam_scaling``: "gradient" (default) divides both images, at each pyramid level, by the
+    pair's RMS image gradient there (:func:`gradient_scale`), so λ weighs residuals measured in
+    voxels of typical-edge motion rather than in intensity, and one λ serves images of any
+    contrast or texture; "none" solves on the normalised intensities (λ in intensity units).
     """
 
     data_term: str = "l2"
@@ -69,6 +76,7 @@ class SolverConfig:
     min_jacobian: float = 0.0
     boundary: str = "neumann"
     normalize: str | bool = "percentile"
+    lam_scaling: str = "gradient"
     anisotropic_pyramid: bool = True
     min_level_size: int = 4
     frozen_axes: tuple[int, ...] | str = ()
@@ -79,6 +87,10 @@ class SolverConfig:
         if self.normalize not in NORMALIZE_MODES:
             raise ValueError(
                 f"normalize must be one of {NORMALIZE_MODES} or a bool, got {self.normalize!r}"
+            )
+        if self.lam_scaling not in LAM_SCALINGS:
+            raise ValueError(
+                f"lam_scaling must be one of {LAM_SCALINGS}, got {self.lam_scaling!r}"
             )
         if self.data_term not in DATA_TERMS:
             raise ValueError(f"data_term must be one of {DATA_TERMS}, got {self.data_term!r}")
@@ -222,6 +234,24 @@ def normalise_pair(
     if mode == "percentile":
         fixed, moving = fixed.clamp(0.0, 1.0), moving.clamp(0.0, 1.0)
     return fixed, moving
+
+
+def gradient_scale(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) -> Tensor:
+    """RMS image gradient of a pair, ``sqrt(mean |∇I|²)`` averaged over both images, ``(B, 1, …)``.
+
+    Dividing both images by it makes the linearised residual ``(g·u + c) / s`` the data term
+    sees invariant to the images' contrast: with the L2 term this is λ relative to the pair's
+    gradient energy (λ / mean |∇I|²), with L1 λ relative to its RMS gradient. Central
+    differences in voxel units of the level; ``mask`` ``(1, ndim, 1, …)`` drops frozen axes.
+    """
+    energy = []
+    for x in (fixed, moving):
+        g = spatial_gradient(x)[:, 0]
+        if mask is not None:
+            g = g * mask
+        energy.append(g.pow(2).sum(1).flatten(1).mean(1))
+    rms = (0.5 * (energy[0] + energy[1])).sqrt()
+    return rms.clamp_min(torch.finfo(fixed.dtype).eps).view(-1, *([1] * (fixed.dim() - 1)))
 
 
 def _min_jacobian(d: Tensor) -> Tensor:
@@ -385,6 +415,9 @@ def solve(
         level_spacing = tuple(h * n / m for h, n, m in zip(spacing, shape, size))
         f_l = resize(fixed, size, mode="area")
         m_l = resize(moving, size, mode="area")
+        if config.lam_scaling == "gradient":
+            scale = gradient_scale(f_l, m_l, keep)
+            f_l, m_l = f_l / scale, m_l / scale
         if d is None:
             if initial_displacement is None:
                 d = fixed.new_zeros((fixed.shape[0], ndim, *size))
