@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/brain2d.py`` on a synthetic three-subject folder (so the script
+"""Smoke test of ``benchmarks/brain2d.py`` on a synthetic two-subject folder (so the script
 cannot rot between the runs that fill its table), plus its scoring on known answers. Needs
 SimpleITK and antspyx (the affine stage); skipped without them. No timing is asserted."""
 
@@ -38,7 +38,7 @@ def test_brain2d_benchmark_runs_on_synthetic_subjects(tmp_path, capsys):
     pytest.importorskip("ants")
     brain2d = _load()
     data = tmp_path / "data"
-    for n, shift in ((1, 0.0), (2, 2.0), (3, -2.0)):  # 6 ordered pairs
+    for n, shift in ((1, 0.0), (2, 2.0)):  # 2 ordered pairs
         _subject(data, n, shift)
     out, cache = tmp_path / "b.json", tmp_path / "cache"
     argv = ["--data", str(data), "--json", str(out), "--cache", str(cache),
@@ -46,14 +46,16 @@ def test_brain2d_benchmark_runs_on_synthetic_subjects(tmp_path, capsys):
             "--threads", "1"]
     assert brain2d.main(argv) == 0
     doc = json.loads(out.read_text())
-    assert len(doc["config"]["pairs"]) == 6 and len(list(cache.glob("*.npz"))) == 6
+    assert len(doc["config"]["pairs"]) == 2 and len(list(cache.glob("*.npz"))) == 2
     for m in ("affine", "nadmm-fast-l2-o2", "demons"):
         s = doc["summary"][m]
-        assert s["n_pairs"] == 6 and 0 <= s["dice_mean"] <= 1
+        assert s["n_pairs"] == 2 and 0 <= s["dice_mean"] <= 1
         assert s["dice_cortical_mean"] >= 0 and s["dice_subcortical_mean"] >= 0
     assert "| nadmm-fast-l2-o2 |" in doc["table"] and "| demons |" in capsys.readouterr().out
     argv[argv.index("--methods") + 1] = "affine"
-    assert brain2d.main(argv + ["--quick", "--subjects", "1,2"]) == 0  # from the cache
+    before = {p: p.stat().st_mtime_ns for p in cache.glob("*.npz")}
+    assert brain2d.main(argv + ["--quick"]) == 0  # the affine stage comes from the cache
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*.npz")} == before
     assert json.loads(out.read_text())["config"]["pairs"] == [["SUBJ-1", "SUBJ-2"],
                                                                ["SUBJ-2", "SUBJ-1"]]
 
