@@ -222,7 +222,8 @@ def check_pyramid_size(shape: Sequence[int], min_size: int = MIN_AXIS) -> None:
 # -- solver options ---------------------------------------------------------------------------
 
 POSITIVE_PER_LEVEL = "a positive finite number, or one per level"
-BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "normalize", "anisotropic_pyramid")
+BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "anisotropic_pyramid")
+NORMALIZE_CHOICES = ("percentile", "minmax", "none", True, False)
 
 
 def check_bool(value: object, name: str) -> bool:
@@ -324,6 +325,10 @@ def check_options(
     for name in BOOL_OPTIONS:
         if name in opts:
             out[name] = check_bool(opts[name], name)
+    if "lam_scaling" in opts:
+        check_choice(opts["lam_scaling"], "lam_scaling", ("gradient", "none"))
+    if "normalize" in opts:
+        check_choice(opts["normalize"], "normalize", NORMALIZE_CHOICES)
     if "boundary" in opts:
         check_choice(opts["boundary"], "boundary", BOUNDARIES)
     if "frozen_axes" in opts:

@@ -31,7 +31,8 @@ PRESETS: dict[str, dict] = {
     "accurate": dict(iterations=(20, 10, 10), warps=(20, 20, 10), tol_admm=None, tol_warp=1e-2),
 }
 
-# (preset, data_term, order) -> (λ, θ), for images scaled jointly to [0, 1] and spacing in mm.
+# (preset, data_term, order) -> (λ, θ), for images mapped to [0, 1] by the default
+# normalisation (joint 0.5/99.5 percentiles, ops.solver.normalise_pair) and spacing in mm.
 Value = float | tuple[float, ...]  # one for all levels, or one per level
 TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
     # paper: best mean Dice (fold-free) of the λ × θ grid, 12 tuning pairs; grid values
@@ -60,6 +61,13 @@ TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
     ("accurate", "l1", 2): (0.03, 1e-3 / 9),
     ("accurate", "l1", 3): (0.01 / 27, 1e-4),
 }
+
+# RMS image gradient (voxel units, both images, joint-percentile normalised) of the ACDC tuning
+# pairs per pyramid level (coarse → fine), mean over the 60 pairs (coefficient of variation
+# 11-12 %). TUNED holds λ for intensities in [0, 1] (``lam_scaling="none"``); with the default
+# ``lam_scaling="gradient"`` the images are divided by the pair's own RMS gradient, so the
+# same model on ACDC takes λ × RMS² (l2) or λ × RMS (l1): :func:`preset_config` converts.
+ACDC_GRADIENT_RMS = (0.1774, 0.1638, 0.1474)
 
 CONFIG_FIELDS = tuple(f.name for f in fields(SolverConfig))
 
@@ -93,6 +101,12 @@ def preset_config(
     if overrides.get("warps") is None and not any(warps):
         solved = [w for w in PRESETS[preset]["warps"] if w > 0]
         settings["warps"] = (*warps[:-1], solved[-1])
+    if overrides.get("lam") is None and settings.get("lam_scaling", "gradient") == "gradient":
+        power = 2 if data_term == "l2" else 1
+        lam = settings["lam"]
+        lam = lam if isinstance(lam, tuple) else (lam,) * levels
+        ref = _per_resolution(ACDC_GRADIENT_RMS, levels)
+        settings["lam"] = tuple(v * r**power for v, r in zip(lam, ref))
     return SolverConfig(**settings)
 
 

@@ -216,11 +216,13 @@ def test_truthy_values_are_not_booleans(value):
         nt.register(f, m, return_diagnostics=value)
     with pytest.raises(ValueError, match=r"^return_diagnostics: expected True or False"):
         nt.NADMMRegistration()(f, m, return_diagnostics=value)
-    for option in ("safeguard", "normalize", "restart", "accelerated", "anisotropic_pyramid"):
-        if value is None:  # None for a solver option means "the preset's value"
-            continue
+    if value is None:  # None for a solver option means "the preset's value"
+        return
+    for option in ("safeguard", "restart", "accelerated", "anisotropic_pyramid"):
         with pytest.raises(ValueError, match=rf"^{option}: expected True or False"):
             nt.register(f, m, **{option: value})
+    with pytest.raises(ValueError, match=r"^normalize: expected one of"):
+        nt.register(f, m, normalize=value)
 
 
 def test_numpy_booleans_are_booleans():

@@ -30,6 +30,17 @@ MAX_INITIAL_FOLD_PERCENT = 50.0
 # ``compile=`` choices of :func:`solve`: False (eager), True (= "default"), or a torch.compile
 # mode; "reduce-overhead" replays CUDA graphs on a GPU (on a CPU it is the default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# ``normalize=`` choices: how a pair's intensities are mapped to about [0, 1] before solving
+# (see :func:`normalise_pair`). ``True`` is an alias of "percentile", ``False`` of "none".
+NORMALIZE_MODES = ("percentile", "minmax", "none")
+# The joint percentiles that "percentile" maps to 0 and 1 (values outside are clipped): a few
+# hot or dead voxels (up to 0.5 % of the pair) no longer set the scale of the whole problem.
+NORMALIZE_PERCENTILES = (0.5, 99.5)
+# ``lam_scaling=`` choices: "gradient" measures the data term in units of the pair's RMS image
+# gradient at each level (see :func:`gradient_scale`); "none" uses the normalised intensities.
+LAM_SCALINGS = ("gradient", "none")
+# Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
+QUANTILE_SAMPLES = 1 << 21
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,13 @@ class SolverConfig:
     whose image gradient across 5–10 mm slices is not a reliable motion cue).
     ``restart`` is on by default: without it the accelerated scheme can diverge on this
     weakly convex model once run long (see ``tests/test_admm.py``).
+    ``normalize``: intensity scaling of each pair before solving, one of
+    :data:`NORMALIZE_MODES` (``True`` means "percentile", ``False`` "none"); λ is tuned for
+    the default, "percentile".
+    ``lam_scaling``: "gradient" (default) divides both images, at each pyramid level, by the
+    pair's RMS image gradient there (:func:`gradient_scale`), so λ weighs residuals measured in
+    voxels of typical-edge motion rather than in intensity, and one λ serves images of any
+    contrast or texture; "none" solves on the normalised intensities (λ in intensity units).
     """
 
     data_term: str = "l2"
@@ -62,12 +80,23 @@ class SolverConfig:
     safeguard: bool = True
     min_jacobian: float = 0.0
     boundary: str = "neumann"
-    normalize: bool = True
+    normalize: str | bool = "percentile"
+    lam_scaling: str = "gradient"
     anisotropic_pyramid: bool = True
     min_level_size: int = 4
     frozen_axes: tuple[int, ...] | str = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalize, bool):
+            object.__setattr__(self, "normalize", "percentile" if self.normalize else "none")
+        if self.normalize not in NORMALIZE_MODES:
+            raise ValueError(
+                f"normalize must be one of {NORMALIZE_MODES} or a bool, got {self.normalize!r}"
+            )
+        if self.lam_scaling not in LAM_SCALINGS:
+            raise ValueError(
+                f"lam_scaling must be one of {LAM_SCALINGS}, got {self.lam_scaling!r}"
+            )
         if self.data_term not in DATA_TERMS:
             raise ValueError(f"data_term must be one of {DATA_TERMS}, got {self.data_term!r}")
         if int(self.order) != self.order or self.order < 1:
@@ -171,18 +200,72 @@ def frozen_axes(config: SolverConfig, spacing: Sequence[float]) -> tuple[int, ..
     return tuple(config.frozen_axes)
 
 
-def normalise_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
-    """Joint min–max scaling of each pair to [0, 1], so λ means the same for any scanner range.
+def _flat_quantiles(x: Tensor, qs: Sequence[float]) -> list[Tensor]:
+    """Lower-rank quantiles ``qs`` (fractions in [0, 1]) of each row of ``x`` ``(B, N)``, each
+    ``(B, 1)``. Rows longer than :data:`QUANTILE_SAMPLES` are evenly subsampled first (no size
+    limit, unlike ``torch.quantile``); ``kthvalue`` is differentiable (to the selected value)."""
+    n = x.shape[1]
+    if n > QUANTILE_SAMPLES:
+        x = x[:, :: -(-n // QUANTILE_SAMPLES)]
+        n = x.shape[1]
+    return [x.kthvalue(1 + round(q * (n - 1)), dim=1, keepdim=True).values for q in qs]
 
-    A pair that is constant as a whole (one value in both images) becomes zeros, with finite
-    gradients (its range is replaced by 1, not divided by).
+
+def normalise_pair(
+    fixed: Tensor, moving: Tensor, mode: str = "percentile"
+) -> tuple[Tensor, Tensor]:
+    """Scale each pair jointly (one affine map for both images) so λ means the same for any
+    scanner range.
+
+    Args:
+        fixed, moving: ``(B, C, *S)``; each batch element gets its own map.
+        mode: ``"percentile"`` maps the joint :data:`NORMALIZE_PERCENTILES` (0.5 %, 99.5 %) of
+            the pair to 0 and 1 and clips the rest to [0, 1], so a few outlier voxels (a hot
+            pixel, an artefact; up to 0.5 % of the pair) do not compress the contrast of the
+            rest; where those percentiles coincide (an image almost all one value) it falls
+            back to min–max. ``"minmax"``: the joint minimum and maximum map to 0 and 1.
+            ``"none"``: the images as given.
+
+    Returns:
+        ``(fixed, moving)`` scaled, same shapes and dtype.
     """
-    dims = tuple(range(1, fixed.dim()))
-    lo = torch.minimum(fixed.amin(dim=dims, keepdim=True), moving.amin(dim=dims, keepdim=True))
-    hi = torch.maximum(fixed.amax(dim=dims, keepdim=True), moving.amax(dim=dims, keepdim=True))
-    span = hi - lo
-    scale = torch.where(span > 0, span, torch.ones_like(span))
-    return (fixed - lo) / scale, (moving - lo) / scale
+    if mode == "none":
+        return fixed, moving
+    if mode not in NORMALIZE_MODES:
+        raise ValueError(f"mode: expected one of {list(NORMALIZE_MODES)}, got {mode!r}")
+    b = fixed.shape[0]
+    both = torch.cat([fixed.reshape(b, -1), moving.reshape(b, -1)], dim=1)
+    lo, hi = both.amin(dim=1, keepdim=True), both.amax(dim=1, keepdim=True)
+    tiny = torch.finfo(fixed.dtype).tiny
+    if mode == "percentile":
+        p_lo, p_hi = _flat_quantiles(both, [p / 100 for p in NORMALIZE_PERCENTILES])
+        robust = (p_hi - p_lo) > tiny
+        lo, hi = torch.where(robust, p_lo, lo), torch.where(robust, p_hi, hi)
+    shape = (b,) + (1,) * (fixed.dim() - 1)
+    span = hi - lo  # a constant pair is divided by 1, not by ~0: finite gradients
+    lo, scale = lo.view(shape), torch.where(span > tiny, span, torch.ones_like(span)).view(shape)
+    fixed, moving = (fixed - lo) / scale, (moving - lo) / scale
+    if mode == "percentile":
+        fixed, moving = fixed.clamp(0.0, 1.0), moving.clamp(0.0, 1.0)
+    return fixed, moving
+
+
+def gradient_scale(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) -> Tensor:
+    """RMS image gradient of a pair, ``sqrt(mean |∇I|²)`` averaged over both images, ``(B, 1, …)``.
+
+    Dividing both images by it makes the linearised residual ``(g·u + c) / s`` the data term
+    sees invariant to the images' contrast: with the L2 term this is λ relative to the pair's
+    gradient energy (λ / mean |∇I|²), with L1 λ relative to its RMS gradient. Central
+    differences in voxel units of the level; ``mask`` ``(1, ndim, 1, …)`` drops frozen axes.
+    """
+    energy = []
+    for x in (fixed, moving):
+        g = spatial_gradient(x)[:, 0]
+        if mask is not None:
+            g = g * mask
+        energy.append(g.pow(2).sum(1).flatten(1).mean(1))
+    rms = (0.5 * (energy[0] + energy[1])).sqrt()
+    return rms.clamp_min(torch.finfo(fixed.dtype).eps).view(-1, *([1] * (fixed.dim() - 1)))
 
 
 def constant_elements(fixed: Tensor, moving: Tensor) -> Tensor:
@@ -404,8 +487,7 @@ def solve(
     if constant is not None:  # nothing to register there: zeros in, initial field out
         fixed = torch.where(constant, torch.zeros_like(fixed), fixed)
         moving = torch.where(constant, torch.zeros_like(moving), moving)
-    if config.normalize:
-        fixed, moving = normalise_pair(fixed, moving)
+    fixed, moving = normalise_pair(fixed, moving, config.normalize)
     lam = config.per_level("lam") if lam is None else lam
     theta = config.per_level("theta") if theta is None else theta
     frozen = frozen_axes(config, spacing)
@@ -435,6 +517,9 @@ def solve(
         level_spacing = tuple(h * n / m for h, n, m in zip(spacing, shape, size))
         f_l = resize(fixed, size, mode="area")
         m_l = resize(moving, size, mode="area")
+        if config.lam_scaling == "gradient":
+            scale = gradient_scale(f_l, m_l, keep)
+            f_l, m_l = f_l / scale, m_l / scale
         if d is None:
             if initial_displacement is None:
                 d = fixed.new_zeros((fixed.shape[0], ndim, *size))
