@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ACDC ES→ED benchmark (the protocol of ``shared/data/README.md``).
+"""ACDC ES→ED benchmark (the protocol of ``docs/protocols.md``).
 
 Usage::
 

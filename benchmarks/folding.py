@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Folding guarantee, measured: voxels with det J ≤ 0 over ACDC pairs × settings (issue 8).
+"""Folding guarantee, measured: voxels with det J ≤ 0 over ACDC pairs × settings.
 
 Usage::
 

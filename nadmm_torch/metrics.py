@@ -2,7 +2,7 @@
 
 Conventions: label maps are integer tensors ``(B, 1, *S)`` or ``(B, *S)`` (only the batch axis
 and, for the Hausdorff distance, the last two axes matter); displacements are
-``(B, ndim, *S)`` in voxel units (see :mod:`nadmm_torch.ops.warp`).
+``(B, ndim, *S)`` in voxel units (see :func:`nadmm_torch.warp`).
 
 Everything is torch except the distance transforms of :func:`hausdorff_slices`, which use
 :func:`scipy.ndimage.distance_transform_edt` (exact Euclidean distance transform).
