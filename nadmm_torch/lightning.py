@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_write
-from .checks import check_spacing_rows
+from .checks import check_int_list, check_spacing_rows
 from .losses import DiceLoss, JacobianFoldLoss, MSELoss, NCCLoss, SmoothnessLoss, warp_onehot
 from .metrics import dice as dice_score
 from .metrics import fold_percent
@@ -130,8 +130,8 @@ class RegistrationLightningModule(pl.LightningModule):
                 "evaluate: expected 'basic' or a callable evaluate(item, displacement) -> dict "
                 f"(e.g. nadmm_torch.data.acdc.acdc_evaluator), got {evaluate!r}"
             )
-        self.labels = tuple(int(v) for v in labels)
-        if not self.labels or min(self.labels) < 1:
+        self.labels = check_int_list(labels, "labels")
+        if min(self.labels) < 1:
             raise ValueError(f"labels: expected positive label values, got {labels!r}")
         self.num_classes = max(self.labels) + 1
         self.dice_loss = DiceLoss(self.num_classes)

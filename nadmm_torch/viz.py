@@ -62,7 +62,7 @@ def _spatial_ndim(displacement) -> int:
     # (ndim, *S) after squeezing: ndim == number of spatial axes.
     if d.ndim >= 3 and d.shape[0] == d.ndim - 1:
         return d.ndim - 1
-    raise ValueError(f"expected a displacement (1, ndim, *S), got shape {d.shape}")
+    raise ValueError(f"displacement: expected (1, ndim, *S) or (ndim, *S), got shape {d.shape}")
 
 
 def choose_slice(volume, labels=None) -> int:
