@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""ACDC ES→ED benchmark (the protocol of ``shared/data/README.md``).
+"""ACDC ES→ED benchmark (the protocol of ``docs/protocols.md``).
 
 Usage::
 
@@ -36,7 +36,14 @@ import torch
 from tqdm import tqdm
 
 from nadmm_torch.baselines import available, demons_register, syn_register
-from nadmm_torch.data.acdc import ACDCPair, evaluate_pair, load_pair, read_pairs, split, summarize
+from nadmm_torch.data.acdc import (
+    ACDCPair,
+    evaluate_pair,
+    load_pair,
+    read_acdc_pairs,
+    split,
+    summarize,
+)
 
 NADMM_METHODS = [
     f"nadmm-{p}-{t}-o{o}"
@@ -195,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
 
-    rows = read_pairs(args.data)
+    rows = read_acdc_pairs(args.data)
     groups = {r["patient"]: r.get("group", "") for r in rows}
     patients = select_patients(rows, args.patients)
     if args.max_pairs is not None:

@@ -6,7 +6,7 @@ Usage::
     python benchmarks/brain2d_affine.py [--data DIR] [--json OUT.json] [--methods ...]
         [--threads N] [--device cpu|cuda] [--misalign DEG,MM,SCALE]
 
-The protocol of ``../shared/data/brain2d/README.md``: every ordered pair (moving, fixed) of
+The protocol of ``docs/protocols.md`` (brain2d): every ordered pair (moving, fixed) of
 distinct subjects (20 pairs of the five); each method aligns the moving image to the fixed one
 affinely, the moving labels are resampled with nearest neighbour, and Dice is taken per label
 over the labels with ≥ 10 pixels in both the fixed and the moving label maps, averaged per pair,

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Folding guarantee, measured: voxels with det J ≤ 0 over ACDC pairs × settings (issue 8).
+"""Folding guarantee, measured: voxels with det J ≤ 0 over ACDC pairs × settings.
 
 Usage::
 
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import nadmm_torch as nt
-from nadmm_torch.data.acdc import evaluate_pair, load_pair, read_pairs
+from nadmm_torch.data.acdc import evaluate_pair, load_pair, read_acdc_pairs
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "acdc"
 
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows_csv = read_pairs(args.data)
+    rows_csv = read_acdc_pairs(args.data)
     patients = [r["patient"] for r in rows_csv][: args.max_pairs]
     if args.shard is not None:
         patients = patients[args.shard[0]::args.shard[1]]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything issue 7 still needs from a GPU, in one command (e.g. one call of the device tool):
+# The GPU measurements (speed table and CUDA tests) in one command (e.g. one call of the device tool):
 #   bash benchmarks/gpu_session.sh OUTDIR
 # writes OUTDIR/{gpu.txt, speed_cuda.json, speed.log, tests.log}: the device, the speed table
 # (fast and paper presets, batch 1/4/16, eager and torch.compile "reduce-overhead", i.e. CUDA

@@ -23,7 +23,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from nadmm_torch.data.acdc import read_pairs, split  # noqa: E402
+from nadmm_torch.data.acdc import read_acdc_pairs, split  # noqa: E402
 
 
 def load(paths: list[str]) -> dict[str, dict[str, dict]]:
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         if m not in recs:
             raise SystemExit(f"method {m!r} not in the JSON; it has {sorted(recs)}")
     common = sorted(set(recs[args.ours]) & set(recs[args.against]))
-    report = set(split(read_pairs(args.data))[1]) if args.data else set()
+    report = set(split(read_acdc_pairs(args.data))[1]) if args.data else set()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [1, 1.6]})
     for subset, style in (("tune", dict(c="tab:blue", label="tuning split")),

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Soak test: many small random registrations in one process, watching memory (issue 8).
+"""Soak test: many small random registrations in one process, watching memory.
 
 Usage::
 

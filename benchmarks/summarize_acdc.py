@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from nadmm_torch.data.acdc import read_pairs, split, summarize
+from nadmm_torch.data.acdc import read_acdc_pairs, split, summarize
 
 
 def _table():
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.patients in ("tune", "report"):
         if args.data is None:
             raise SystemExit("--patients tune/report needs --data")
-        tune, report = split(read_pairs(args.data))
+        tune, report = split(read_acdc_pairs(args.data))
         keep = set(tune if args.patients == "tune" else report)
     else:
         keep = {p.strip() for p in args.patients.split(",") if p.strip()}

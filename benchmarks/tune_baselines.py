@@ -39,7 +39,7 @@ from nadmm_torch.data.acdc import (
     evaluate_pair,
     evenly_spaced,
     load_pair,
-    read_pairs,
+    read_acdc_pairs,
     split,
     summarize,
 )
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     have = available(methods)
     methods = [m for m in methods if have[m] or print(f"skipping {m}: not importable")]
-    rows = read_pairs(args.data)
+    rows = read_acdc_pairs(args.data)
     tune, _report = split(rows)
     pair_ids = {
         "demons": evenly_spaced(tune, args.demons_subset),

@@ -48,7 +48,7 @@ from nadmm_torch.data.acdc import (
     evaluate_pair,
     evenly_spaced,
     load_pair,
-    read_pairs,
+    read_acdc_pairs,
     split,
     summarize,
 )
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    rows = read_pairs(args.data)
+    rows = read_acdc_pairs(args.data)
     tune, _ = split(rows)
     patients = evenly_spaced(tune, args.subset)
     pairs = [load_pair(args.data, p) for p in patients]

@@ -23,7 +23,14 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from nadmm_torch.data.acdc import ACDCPair, evaluate_pair, load_pair, read_pairs, split, summarize
+from nadmm_torch.data.acdc import (
+    ACDCPair,
+    evaluate_pair,
+    load_pair,
+    read_acdc_pairs,
+    split,
+    summarize,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "acdc"
@@ -72,7 +79,7 @@ def setup(args: argparse.Namespace) -> None:
 def split_ids(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """``(training ids ⊂ tuning split, report ids)``; the report split is never trained on, and
     the validation pairs (:func:`validation_ids`) are not drawn for training."""
-    tune, report = split(read_pairs(args.data))
+    tune, report = split(read_acdc_pairs(args.data))
     held_out = set(validation_ids(args))
     pool = [p for p in tune if p not in held_out]
     n = min(args.train_pairs, len(pool))
@@ -85,7 +92,7 @@ def validation_ids(args: argparse.Namespace) -> list[str]:
     """``--val-pairs`` tuning pairs (seeded), held out from training; none by default."""
     if not getattr(args, "val_pairs", 0):
         return []
-    tune, _ = split(read_pairs(args.data))
+    tune, _ = split(read_acdc_pairs(args.data))
     n = min(args.val_pairs, len(tune) - 1)
     return sorted(random.Random(f"examples-val-{args.seed}").sample(tune, n))
 
@@ -94,11 +101,8 @@ def train_loader(args: argparse.Namespace, ids: Sequence[str], augment: bool = T
     """DataLoader of tuning pairs as TorchIO subjects (batch 1: slice counts differ)."""
     from torch.utils.data import DataLoader
 
-    from nadmm_torch.data.torchio_acdc import (
-        acdc_subjects_dataset,
-        collate_pairs,
-        pair_augmentation,
-    )
+    from nadmm_torch.data.pairs import collate_pairs
+    from nadmm_torch.data.torchio_acdc import acdc_subjects_dataset, pair_augmentation
 
     transform = pair_augmentation(intensity=True, spatial=False) if augment else None
     ds = acdc_subjects_dataset(args.data, list(ids), transform=transform)

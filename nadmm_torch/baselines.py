@@ -8,7 +8,7 @@
 Both take ``(1, 1, *S)`` fixed / moving tensors (``S = (D, H, W)``) and ``spacing`` in the
 order of ``S`` (mm) and return a displacement ``(1, 3, *S)`` float32 in voxel units, component
 ``i`` along axis ``i`` of ``S``, pull-back (``warped(x) = moving(x + d(x))``), i.e. the same
-convention as :func:`nadmm_torch.ops.warp.warp`, so labels are warped and det J is measured
+convention as :func:`nadmm_torch.warp`, so labels are warped and det J is measured
 by the same code for every method.
 
 ITK images built here have origin 0 and identity direction, with ITK axis ``k`` = axis
@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from .checks import check_pair, check_spacing
 
 __all__ = [
     "available",
@@ -59,18 +61,16 @@ def available(methods: Sequence[str] = ("demons", "syn")) -> dict[str, bool]:
     return out
 
 
-def _check_pair(fixed: Tensor, moving: Tensor, spacing: Sequence[float]) -> tuple[float, ...]:
-    if fixed.shape != moving.shape:
+def _check_volumes(fixed: object, moving: object, spacing: object) -> tuple[float, ...]:
+    """A ``(1, 1, D, H, W)`` pair (as :func:`nadmm_torch.checks.check_pair`) and its 3 spacings."""
+    fixed, moving = check_pair(fixed, moving)
+    if fixed.dim() != 5 or fixed.shape[0] != 1:
         raise ValueError(
-            f"fixed and moving must have the same shape, got {tuple(fixed.shape)} and "
-            f"{tuple(moving.shape)}"
+            f"fixed: expected a (1, 1, D, H, W) volume, got shape {tuple(fixed.shape)}"
         )
-    if fixed.dim() != 5 or fixed.shape[:2] != (1, 1):
-        raise ValueError(f"fixed must be (1, 1, D, H, W), got {tuple(fixed.shape)}")
-    sp = tuple(float(s) for s in spacing)
-    if len(sp) != 3 or not all(s > 0 for s in sp):
-        raise ValueError(f"spacing must be 3 positive values (D, H, W order), got {spacing!r}")
-    return sp
+    if spacing is None:
+        raise ValueError("spacing: expected 3 numbers (mm, in the order D, H, W), got None")
+    return check_spacing(spacing, 3)
 
 
 def itk_field_to_displacement(field_xyz: np.ndarray, spacing: Sequence[float]) -> Tensor:
@@ -155,12 +155,13 @@ def demons_register(
     """
     import SimpleITK as sitk
 
-    sp = _check_pair(fixed, moving, spacing)
+    sp = _check_volumes(fixed, moving, spacing)
     iterations = [int(i) for i in iterations]
     shrink = [int(s) for s in shrink]
     if len(iterations) != len(shrink) or not iterations:
         raise ValueError(
-            f"iterations {iterations} and shrink {shrink} must be non-empty and equally long"
+            f"iterations: expected one value per level of shrink {shrink} (at least one), got "
+            f"{iterations}"
         )
     f_img = _to_sitk(fixed[0, 0].detach().cpu().numpy(), sp)
     m_img = _to_sitk(moving[0, 0].detach().cpu().numpy(), sp)
@@ -215,7 +216,7 @@ def syn_register(
     import ants
     import SimpleITK as sitk
 
-    sp = _check_pair(fixed, moving, spacing)
+    sp = _check_volumes(fixed, moving, spacing)
     if threads is not None:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(int(threads))
     # ants arrays are indexed in ITK order (x, y, z): pass the (W, H, D) transposes.

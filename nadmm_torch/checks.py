@@ -422,3 +422,114 @@ def check_affine_matrix(A: object, name: str, ndim: int, like: Tensor | None = N
         check_same_device(A, like.device, name, "the image")
     check_finite(A, name)
     return A
+
+
+# -- generic checks for the upper layers (metrics, losses, baselines, lightning, cli) -----------
+# These know no domain and import nothing from the package: structure checks read no values
+# (no host synchronisation: losses run them at every training step).
+
+
+def check_grid(x: object, name: str) -> Tensor:
+    """``(B, C, *S)`` with ``len(S)`` in {2, 3}, non-empty; any dtype (images, labels, one-hot)."""
+    x = check_tensor(x, name)
+    if x.dim() not in (4, 5):
+        raise ValueError(
+            f"{name}: expected a (B, C, H, W) or (B, C, D, H, W) tensor, got shape "
+            f"{tuple(x.shape)}"
+        )
+    check_nonempty(x, name)
+    return x
+
+
+def check_displacement_layout(d: object, name: str = "displacement") -> Tensor:
+    """``(B, ndim, *S)`` with ``ndim = len(S)`` in {2, 3}, non-empty, floating; reads no values."""
+    d = check_tensor(d, name)
+    if d.dim() not in (4, 5) or d.shape[1] != d.dim() - 2:
+        raise ValueError(
+            f"{name}: expected a (B, ndim, *S) displacement with ndim = len(S) in (2, 3), "
+            f"got shape {tuple(d.shape)}"
+        )
+    check_nonempty(d, name)
+    if not d.is_floating_point():
+        raise TypeError(f"{name}: expected a floating dtype, got {d.dtype}")
+    return d
+
+
+def check_label_map(x: object, name: str, min_dims: int = 2) -> Tensor:
+    """An integer (or bool) tensor with at least ``min_dims`` dims, non-empty."""
+    x = check_tensor(x, name)
+    if x.is_floating_point() or x.is_complex():
+        raise TypeError(
+            f"{name}: expected an integer label map, got dtype {x.dtype}; convert with .long()"
+        )
+    if x.dim() < min_dims:
+        raise ValueError(
+            f"{name}: expected at least {min_dims} dims (a batch axis and spatial axes), got "
+            f"shape {tuple(x.shape)}"
+        )
+    check_nonempty(x, name)
+    return x
+
+
+def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
+    """``b`` must have the shape of ``a``."""
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{name_b}: expected the same shape as {name_a} {tuple(a.shape)}, got "
+            f"{tuple(b.shape)}"
+        )
+
+
+def check_int_list(values: object, name: str) -> tuple[int, ...]:
+    """A non-empty sequence of integers (NumPy's too), e.g. label values."""
+    values = _as_python(values)
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a sequence of integers, got {values!r}")
+    out = list(values)
+    if not all(_is_int(v) for v in out):
+        raise TypeError(f"{name}: expected a sequence of integers, got {values!r}")
+    if not out:
+        raise ValueError(f"{name}: expected at least one value, got {values!r}")
+    return tuple(int(v) for v in out)
+
+
+def check_spacing_rows(spacing: object, batch: int, ndim: int) -> list[tuple[float, ...] | None]:
+    """One spacing per batch element from ``None``, ``ndim`` numbers (shared) or a
+    ``(batch, ndim)`` table (a tensor or nested sequences); each row as :func:`check_spacing`."""
+    if spacing is None:
+        return [None] * batch
+    if isinstance(spacing, Tensor):
+        spacing = spacing.detach().cpu()
+    if getattr(spacing, "ndim", None) == 2 and hasattr(spacing, "tolist"):  # tensor, NumPy
+        table = spacing.tolist()
+    elif isinstance(spacing, Sequence) and spacing and all(
+        isinstance(r, Sequence) and not isinstance(r, (str, bytes)) for r in spacing
+    ):
+        table = list(spacing)
+    else:
+        return [check_spacing(spacing, ndim)] * batch
+    if len(table) not in (1, batch):
+        raise ValueError(
+            f"spacing: expected {ndim} numbers or one row per batch element ({batch}), got "
+            f"{len(table)} rows"
+        )
+    rows = [check_spacing(r, ndim) for r in table]
+    return rows * batch if len(rows) == 1 else rows
+
+
+def resolve_device(name: object) -> torch.device:
+    """``"auto"`` (CUDA if available, else CPU), or a device name / ``torch.device`` that exists
+    here."""
+    if isinstance(name, str) and name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(name, (str, torch.device)):
+        raise TypeError(f"device: expected a device name or torch.device, got {name!r}")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device: expected auto, cpu, cuda or cuda:N, got {str(name)!r}"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(name)!r} requested but CUDA is not available")
+    return device

@@ -67,17 +67,17 @@ from typing import Any
 from .atomic import Staging, clean_stale
 
 PROG = "nadmm-register"
-OUTPUT_FILES = (
+# Every name a run may write into a pair's folder: a new run removes those it did not write.
+_KNOWN_OUTPUTS = (
     "warped.nii.gz",
     "warped_labels.nii.gz",
     "displacement.nii.gz",
+    "displacement.mha",
     "jacobian_determinant.nii.gz",
     "affine.tfm",
     "registration.png",
     "summary.json",
 )
-# Every name a run may write into a pair's folder: a new run removes those it did not write.
-_KNOWN_OUTPUTS = (*OUTPUT_FILES, "displacement.mha")
 
 
 class CLIError(Exception):
@@ -227,18 +227,14 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def _resolve_device(name: str):
-    import torch
+def _device(name: str):
+    """The torch device of ``--device`` (see :func:`nadmm_torch.checks.resolve_device`)."""
+    from .checks import resolve_device
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"device {name!r} requested but CUDA is not available")
-    return dev
+        return resolve_device(name)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(_one_line(exc)) from None
 
 
 class _Log:
@@ -324,15 +320,12 @@ class Settings:
 
 
 def _check_settings(settings: Settings) -> None:
-    """Fail early (before any image is read) on an unknown preset or solver option."""
+    """Fail early (before any image is read) on an unknown preset or solver option: the
+    settings are checked as ``register`` checks them, by building its module."""
+    import nadmm_torch as nt
+
     try:
-        from .ops.solver import compile_mode
-        from .presets import preset_config
-    except ImportError:  # pragma: no cover - the solver checks them later anyway
-        return
-    try:
-        preset_config(**settings.solver_kwargs(execution=False))
-        compile_mode(settings.compile)
+        nt.NADMMRegistration(**settings.solver_kwargs())
     except (ValueError, TypeError) as exc:
         raise CLIError(f"registration settings: {_one_line(exc)}") from None
 
@@ -426,6 +419,180 @@ def _stage_image(staging, name: str, image, geometry) -> None:
     staging.written(name)
 
 
+@dataclass
+class _Inputs:
+    """A pair read from disk, on the fixed grid (CPU tensors ``(1, 1, *S)``)."""
+
+    fixed: Any
+    moving: Any
+    fixed_labels: Any
+    moving_labels: Any
+    geometry: Any  # the fixed image's Geometry
+    resampled: bool  # the moving image was resampled into the fixed grid
+    squeeze: int | None  # the axis of a one-slice 3D file, registered in 2D
+
+
+@dataclass
+class _Result:
+    """A registration and what is derived from it (CPU tensors on the file's grid)."""
+
+    displacement: Any  # (1, ndim, *S) float32, voxels
+    affine: Any  # (1, ndim, ndim + 1) of the affine stage, or None
+    warped: Any
+    warped_labels: Any
+    jacobian: Any  # (1, *S)
+    metrics: dict[str, Any]
+
+
+def _read_inputs(spec: PairSpec, log: _Log) -> _Inputs:
+    """Read the images and label maps of ``spec`` and bring them onto the fixed grid."""
+    fixed, fgeo = _read("fixed image", spec.fixed)
+    moving, mgeo = _read("moving image", spec.moving)
+    moving, resampled = _onto_fixed("moving image", moving, mgeo, fgeo, log)
+    labels = {}
+    for kind, path in (("moving labels", spec.moving_labels), ("fixed labels", spec.fixed_labels)):
+        if path is not None:
+            lab, geo = _read(kind, path, labels=True)
+            labels[kind], _ = _onto_fixed(kind, lab, geo, fgeo, log, label=True)
+    # A 3D file holding one slice (a 2D image saved as 3D) is registered in 2D.
+    flat = [i for i, n in enumerate(fgeo.shape) if n == 1]
+    squeeze = flat[0] if fgeo.ndim == 3 and len(flat) == 1 else None
+    if squeeze is not None:
+        log.info("the images hold a single slice: registering in 2D")
+    if any(n < 2 for i, n in enumerate(fgeo.shape) if i != squeeze):
+        raise CLIError(f"the fixed image is too small to register ({fgeo.describe()})")
+    return _Inputs(fixed, moving, labels.get("fixed labels"), labels.get("moving labels"),
+                   fgeo, resampled, squeeze)
+
+
+def _solve(inputs: _Inputs, settings: Settings, device, bar):
+    """Register on ``device``: ``(displacement (1, ndim, *S) on the file's grid, affine or
+    None, seconds)``."""
+    import torch
+
+    import nadmm_torch as nt
+
+    geo, squeeze = inputs.geometry, inputs.squeeze
+    kept = [i for i in range(geo.ndim) if i != squeeze]
+    f_dev, m_dev = inputs.fixed.to(device), inputs.moving.to(device)
+    if squeeze is not None:
+        f_dev, m_dev = f_dev.squeeze(2 + squeeze), m_dev.squeeze(2 + squeeze)
+    spacing = tuple(geo.array_spacing[i] for i in kept)
+    kwargs = settings.solver_kwargs()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    A = None
+    try:
+        with _Ticker(bar):
+            if settings.affine is not None:
+                A = nt.affine(f_dev, m_dev, spacing=spacing, similarity=settings.affine)
+                kwargs["initial_displacement"] = nt.affine_to_displacement(A, f_dev.shape[2:])
+            disp = nt.register(f_dev, m_dev, spacing=spacing, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"registration settings: {_one_line(exc)}") from None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    if A is not None:
+        A = _full_affine(A.detach().cpu().double(), squeeze, geo.ndim)
+    disp = disp.detach().to("cpu", torch.float32)
+    if squeeze is not None and tuple(disp.shape) == (1, 2, *f_dev.shape[2:]):
+        full = torch.zeros(1, 3, *geo.shape)
+        full[:, kept] = disp.unsqueeze(2 + squeeze)
+        disp = full
+    if tuple(disp.shape) != (1, geo.ndim, *geo.shape):
+        raise CLIError(f"the solver returned a displacement of shape {tuple(disp.shape)}")
+    return disp, A, seconds
+
+
+def _score(inputs: _Inputs, disp, log: _Log) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """``(warped image, warped labels or None, det J (1, *S), metrics)`` of a displacement."""
+    import torch
+
+    import nadmm_torch as nt
+
+    mlab, flab = inputs.moving_labels, inputs.fixed_labels
+    warped = nt.warp(inputs.moving, disp)
+    wlab = nt.warp_labels(mlab, disp) if mlab is not None else None
+    detj = nt.jacobian_determinant(disp)
+    h = torch.tensor(inputs.geometry.array_spacing).view(-1, *([1] * inputs.geometry.ndim))
+    metrics: dict[str, Any] = {
+        "fold_percent": float(nt.fold_percent(disp)[0]),
+        "jacobian_determinant_min": float(detj.min()),
+        "jacobian_determinant_max": float(detj.max()),
+        "displacement_max_mm": float((disp[0] * h).norm(dim=0).max()),
+    }
+    if flab is not None and mlab is not None:
+        labels = sorted(set(torch.unique(flab).tolist()) | set(torch.unique(mlab).tolist()))
+        labels = tuple(int(v) for v in labels if v != 0)
+        if labels:
+            metrics["dice_labels"] = list(labels)
+            metrics["dice_before"] = _dice_dict(mlab, flab, labels)
+            metrics["dice_after"] = _dice_dict(wlab, flab, labels)
+    elif flab is not None:
+        log.info("--fixed-labels without --moving-labels: no Dice to report")
+    return warped, wlab, detj, metrics
+
+
+def _stage_outputs(staging, spec: PairSpec, inputs: _Inputs, result: _Result,
+                   settings: Settings, log: _Log, bar) -> None:
+    """Write the images (and the affine, the figure) of a pair into ``staging``."""
+    from .io import displacement_to_itk, write_affine
+
+    geo = inputs.geometry
+    _stage_image(staging, "warped.nii.gz", result.warped, geo)
+    if result.warped_labels is not None:
+        _stage_image(staging, "warped_labels.nii.gz", result.warped_labels, geo)
+    field = displacement_to_itk(result.displacement, geo)
+    _stage_image(staging, "displacement.nii.gz", field, None)
+    if inputs.squeeze is not None:
+        # ITK's NIfTI reader loads a vector image with one slice as 2D (with 3 components),
+        # which DisplacementFieldTransform then rejects; MetaImage keeps it 3D.
+        _stage_image(staging, "displacement.mha", field, None)
+        log.info(
+            "single-slice volume: also writing displacement.mha (ITK reads a one-slice vector "
+            "NIfTI as 2D; use the .mha with SimpleITK/ANTs)"
+        )
+    _stage_image(staging, "jacobian_determinant.nii.gz", result.jacobian[:, None], geo)
+    if result.affine is not None:
+        staging.add("affine.tfm", lambda p: write_affine(result.affine, geo, p))
+    bar.update(1)
+    if settings.plot:
+        bar.set_postfix_str("plotting")
+        from .viz import plot_registration
+
+        staging.add("registration.png", lambda p: plot_registration(
+            inputs.fixed, inputs.moving, result.warped, result.displacement,
+            fixed_labels=inputs.fixed_labels, warped_labels=result.warped_labels,
+            moving_labels=inputs.moving_labels, spacing=geo.array_spacing, path=p,
+            title=f"{spec.moving.name} → {spec.fixed.name}",
+        ))
+    bar.update(1)
+
+
+def _summary(spec: PairSpec, inputs: _Inputs, result: _Result, settings: Settings, device,
+             outputs: list[str], resume_key: dict[str, Any]) -> dict[str, Any]:
+    """The contents of ``summary.json``."""
+    return {
+        "id": spec.id,
+        "inputs": {k: (str(getattr(spec, k)) if getattr(spec, k) else None) for k in _INPUTS},
+        "moving_resampled_to_fixed_grid": inputs.resampled,
+        "fixed_geometry": inputs.geometry.to_dict(),
+        "settings": {**settings.solver_kwargs(), "device": str(device),
+                     "affine": settings.affine},
+        "metrics": result.metrics,
+        "outputs": outputs + ["summary.json"],
+        "displacement_convention": (
+            "displacement.nii.gz: ITK displacement field on the fixed grid, vectors in "
+            "LPS mm; output(p) = moving(p + v(p)) (sitk.DisplacementFieldTransform, "
+            "antsApplyTransforms)"
+        ),
+        "versions": _versions(),
+        "resume_key": resume_key,
+    }
+
+
 def register_pair(
     spec: PairSpec, target: Path, settings: Settings, log: _Log, show_progress: bool = True,
     resume_key: dict[str, Any] | None = None,
@@ -434,172 +601,34 @@ def register_pair(
 
     ``resume_key`` (inputs' fingerprints and settings, see :func:`_resume_key`) is stored in
     ``summary.json``; it is computed here if not given."""
-    import torch
-
-    import nadmm_torch
-
-    from .io import displacement_to_itk
-    from .ops.diff import jacobian_determinant
-    from .ops.warp import warp, warp_labels
-
     t_start = time.perf_counter()
-    device = _resolve_device(settings.device)
+    device = _device(settings.device)
     if resume_key is None:
         resume_key = _resume_key(spec, settings)
     # Progress bars only on a terminal (None: tqdm disables itself on a non-TTY).
     bar = _stage_bar(6, None if show_progress else True, desc=f"{PROG} {spec.id or ''}".strip())
     try:
         bar.set_postfix_str("reading")
-        fixed, fgeo = _read("fixed image", spec.fixed)
-        moving, mgeo = _read("moving image", spec.moving)
-        mlab = flab = None
-        if spec.moving_labels is not None:
-            mlab, mlgeo = _read("moving labels", spec.moving_labels, labels=True)
-        if spec.fixed_labels is not None:
-            flab, flgeo = _read("fixed labels", spec.fixed_labels, labels=True)
-        moving, resampled = _onto_fixed("moving image", moving, mgeo, fgeo, log)
-        if mlab is not None:
-            mlab, _ = _onto_fixed("moving labels", mlab, mlgeo, fgeo, log, label=True)
-        if flab is not None:
-            flab, _ = _onto_fixed("fixed labels", flab, flgeo, fgeo, log, label=True)
-        # A 3D file holding one slice (a 2D image saved as 3D) is registered in 2D.
-        flat = [i for i, n in enumerate(fgeo.shape) if n == 1]
-        squeeze = flat[0] if fgeo.ndim == 3 and len(flat) == 1 else None
-        if squeeze is not None:
-            log.info("the images hold a single slice: registering in 2D")
-        kept = [i for i in range(fgeo.ndim) if i != squeeze]
-        if any(fgeo.shape[i] < 2 for i in kept):
-            raise CLIError(f"the fixed image is too small to register ({fgeo.describe()})")
+        inputs = _read_inputs(spec, log)
         bar.update(1)
-
-        register = getattr(nadmm_torch, "register", None)
-        if register is None:
-            raise CLIError("this installation has no solver (nadmm_torch.register is missing)")
         bar.set_postfix_str(f"registering on {device}")
-        kwargs = settings.solver_kwargs()
-        f_dev, m_dev = fixed.to(device), moving.to(device)
-        spacing = tuple(fgeo.array_spacing[i] for i in kept)
-        if squeeze is not None:
-            f_dev, m_dev = f_dev.squeeze(2 + squeeze), m_dev.squeeze(2 + squeeze)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        try:
-            with _Ticker(bar):
-                A = None
-                if settings.affine is not None:
-                    A = nadmm_torch.affine(f_dev, m_dev, spacing=spacing,
-                                           similarity=settings.affine)
-                    kwargs["initial_displacement"] = nadmm_torch.affine_to_displacement(
-                        A, f_dev.shape[2:]
-                    )
-                disp = register(f_dev, m_dev, spacing=spacing, **kwargs)
-        except (ValueError, TypeError) as exc:
-            raise CLIError(f"registration settings: {_one_line(exc)}") from None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_reg = time.perf_counter() - t0
-        if A is not None:
-            A = _full_affine(A.detach().cpu().double(), squeeze, fgeo.ndim)
-        if isinstance(disp, tuple):
-            disp = disp[0]
-        disp = disp.detach().to("cpu", torch.float32)
-        if squeeze is not None and tuple(disp.shape) == (1, 2, *f_dev.shape[2:]):
-            full = torch.zeros(1, 3, *fgeo.shape)
-            full[:, kept] = disp.unsqueeze(2 + squeeze)
-            disp = full
-        if tuple(disp.shape) != (1, fgeo.ndim, *fgeo.shape):
-            raise CLIError(f"the solver returned a displacement of shape {tuple(disp.shape)}")
+        disp, A, seconds = _solve(inputs, settings, device, bar)
         bar.update(1)
-
         bar.set_postfix_str("warping")
-        warped = warp(moving, disp)
-        wlab = None
-        if mlab is not None:
-            num = int(max(int(mlab.max()), int(flab.max()) if flab is not None else 0)) + 1
-            wlab = warp_labels(mlab, disp, num_classes=num)
-        detj = jacobian_determinant(disp)
+        warped, wlab, detj, metrics = _score(inputs, disp, log)
+        metrics["time_registration_s"] = seconds
+        if A is not None:
+            metrics["affine_voxel_matrix"] = A[0].tolist()
+        result = _Result(disp, A, warped, wlab, detj, metrics)
         bar.update(1)
-
-        metrics: dict[str, Any] = {
-            "fold_percent": float(nadmm_torch.metrics.fold_percent(disp)[0]),
-            "jacobian_determinant_min": float(detj.min()),
-            "jacobian_determinant_max": float(detj.max()),
-            "displacement_max_mm": float(
-                (disp[0] * torch.tensor(fgeo.array_spacing).view(-1, *([1] * fgeo.ndim)))
-                .norm(dim=0)
-                .max()
-            ),
-            "time_registration_s": t_reg,
-        }
-        if flab is not None and mlab is not None:
-            labels = sorted(set(torch.unique(flab).tolist()) | set(torch.unique(mlab).tolist()))
-            labels = tuple(int(v) for v in labels if v != 0)
-            if labels:
-                metrics["dice_labels"] = list(labels)
-                metrics["dice_before"] = _dice_dict(mlab, flab, labels)
-                metrics["dice_after"] = _dice_dict(wlab, flab, labels)
-        elif flab is not None:
-            log.info("--fixed-labels without --moving-labels: no Dice to report")
-
         bar.set_postfix_str("writing")
         target.parent.mkdir(parents=True, exist_ok=True)
         base = target if target.is_dir() else target.parent
         with Staging(base, target=target) as staging:
-            _stage_image(staging, "warped.nii.gz", warped, fgeo)
-            if wlab is not None:
-                _stage_image(staging, "warped_labels.nii.gz", wlab, fgeo)
-            field = displacement_to_itk(disp, fgeo)
-            _stage_image(staging, "displacement.nii.gz", field, None)
-            if squeeze is not None:
-                # ITK's NIfTI reader loads a vector image with one slice as 2D (with 3
-                # components), which DisplacementFieldTransform then rejects; MetaImage keeps 3D.
-                _stage_image(staging, "displacement.mha", field, None)
-                log.info(
-                    "single-slice volume: also writing displacement.mha (ITK reads a "
-                    "one-slice vector NIfTI as 2D; use the .mha with SimpleITK/ANTs)"
-                )
-            _stage_image(staging, "jacobian_determinant.nii.gz", detj[:, None], fgeo)
-            if A is not None:
-                from .io import write_affine
-
-                staging.add("affine.tfm", lambda p: write_affine(A, fgeo, p))
-                metrics["affine_voxel_matrix"] = A[0].tolist()
-            bar.update(1)
-            if settings.plot:
-                bar.set_postfix_str("plotting")
-                from .viz import plot_registration
-
-                staging.add("registration.png", lambda p: plot_registration(
-                    fixed, moving, warped, disp,
-                    fixed_labels=flab, warped_labels=wlab, moving_labels=mlab,
-                    spacing=fgeo.array_spacing, path=p,
-                    title=f"{spec.moving.name} → {spec.fixed.name}",
-                ))
-            bar.update(1)
+            _stage_outputs(staging, spec, inputs, result, settings, log, bar)
             metrics["time_total_s"] = time.perf_counter() - t_start
-            summary = {
-                "id": spec.id,
-                "inputs": {
-                    "fixed": str(spec.fixed),
-                    "moving": str(spec.moving),
-                    "fixed_labels": str(spec.fixed_labels) if spec.fixed_labels else None,
-                    "moving_labels": str(spec.moving_labels) if spec.moving_labels else None,
-                },
-                "moving_resampled_to_fixed_grid": resampled,
-                "fixed_geometry": fgeo.to_dict(),
-                "settings": {**settings.solver_kwargs(), "device": str(device),
-                             "affine": settings.affine},
-                "metrics": metrics,
-                "outputs": staging.names() + ["summary.json"],
-                "displacement_convention": (
-                    "displacement.nii.gz: ITK displacement field on the fixed grid, vectors in "
-                    "LPS mm; output(p) = moving(p + v(p)) (sitk.DisplacementFieldTransform, "
-                    "antsApplyTransforms)"
-                ),
-                "versions": _versions(),
-                "resume_key": resume_key,
-            }
+            summary = _summary(spec, inputs, result, settings, device, staging.names(),
+                               resume_key)
             staging.add("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
             # The new set replaces the old one whole: outputs of a previous run that this one
             # did not write (labels, plot) are removed; summary.json moves in last.
@@ -903,7 +932,7 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
     from tqdm import tqdm
 
     specs = read_pairs(csv_path)
-    device = str(_resolve_device(settings.device))  # fail early on a bad device or setting
+    device = str(_device(settings.device))  # fail early on a bad device or setting
     _check_settings(settings)
     _prepare_outdir(outdir)
     rows: list[dict] = []
@@ -1002,7 +1031,7 @@ def _run(args: argparse.Namespace) -> int:
     ):
         if p is not None and not p.exists():
             raise CLIError(f"{kind} not found: '{p}'")
-    _resolve_device(settings.device)
+    _device(settings.device)
     _check_settings(settings)
     created = _prepare_outdir(outdir)
     try:

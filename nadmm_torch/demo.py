@@ -33,77 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from nadmm_torch.checks import resolve_device
+
     try:
-        import torch
-
-        import nadmm_torch
-        from nadmm_torch.cli import CLIError, _resolve_device
-        from nadmm_torch.data.sample import load_sample
-        from nadmm_torch.ops.warp import warp, warp_labels
-
-        try:
-            device = _resolve_device(args.device)
-        except CLIError as exc:
-            print(f"{PROG}: error: {exc}", file=sys.stderr)
-            return 2
-        sample = load_sample()
-        fixed = sample.fixed.to(device)
-        moving = sample.moving.to(device)
-        shape = "x".join(str(s) for s in sample.fixed.shape[2:])
-        spacing = "x".join(f"{s:g}" for s in sample.spacing)
-        print(
-            f"ACDC {sample.patient}: moving ES -> fixed ED, {shape} voxels "
-            f"(z, y, x) @ {spacing} mm, preset {args.preset!r}, {args.data_term}, "
-            f"order {args.order}, on {device}"
-        )
-        # Warm-up-free timing: the first call includes any one-off set-up, as a user sees it.
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        disp = nadmm_torch.register(
-            fixed, moving, spacing=sample.spacing, preset=args.preset,
-            data_term=args.data_term, order=args.order,
-        )
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        disp = disp.detach().float().cpu()
-
-        labels = tuple(range(1, len(STRUCTURES) + 1))
-        num = max(int(sample.moving_labels.max()), int(sample.fixed_labels.max())) + 1
-        warped_labels = warp_labels(sample.moving_labels, disp, num_classes=num)
-        before = nadmm_torch.metrics.dice(sample.moving_labels, sample.fixed_labels, labels)[0]
-        after = nadmm_torch.metrics.dice(warped_labels, sample.fixed_labels, labels)[0]
-        folds = float(nadmm_torch.metrics.fold_percent(disp)[0])
-
-        per = ", ".join(
-            f"{name} {b:.3f} -> {a:.3f}"
-            for name, b, a in zip(STRUCTURES, before.tolist(), after.tolist(), strict=True)
-        )
-        print(f"Dice (mean of RV, Myo, LV): {before.nanmean():.3f} -> {after.nanmean():.3f}")
-        print(f"  per structure: {per}")
-        print(f"% det J <= 0: {folds:.3f}")
-        print(f"time: {elapsed:.2f} s on {device}")
-
+        device = resolve_device(args.device)
+    except (TypeError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out).expanduser()
+    if not args.no_plot and not out.parent.is_dir():  # before the registration, not after it
+        print(f"{PROG}: error: folder of --out does not exist: '{out.parent}'", file=sys.stderr)
+        return 1
+    try:
+        result = _register_sample(args, device)
+        _print_result(result, device)
         if not args.no_plot:
-            from nadmm_torch.viz import plot_registration
-
-            out = Path(args.out).expanduser()
-            if out.parent and not out.parent.is_dir():
-                print(f"{PROG}: error: folder of --out does not exist: '{out.parent}'",
-                      file=sys.stderr)
-                return 1
-            warped = warp(sample.moving, disp)
-            plot_registration(
-                sample.fixed, sample.moving, warped, disp,
-                fixed_labels=sample.fixed_labels, warped_labels=warped_labels,
-                moving_labels=sample.moving_labels, spacing=sample.spacing, path=out,
-                title=(
-                    f"nadmm_torch demo — ACDC {sample.patient} ES → ED, "
-                    f"Dice {before.nanmean():.3f} → {after.nanmean():.3f}"
-                ),
-            )
-            print(f"figure: {out.resolve()}")
+            _plot(result, out)
     except KeyboardInterrupt:
         print(f"{PROG}: error: interrupted", file=sys.stderr)
         return 130
@@ -112,6 +57,74 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _register_sample(args: argparse.Namespace, device) -> dict:
+    """Register the bundled pair on ``device``: the pair, displacement (CPU), warped labels,
+    Dice before / after per structure, fold % and seconds."""
+    import torch
+
+    import nadmm_torch as nt
+    from nadmm_torch.data.sample import load_sample
+
+    sample = load_sample()
+    shape = "x".join(str(s) for s in sample.fixed.shape[2:])
+    spacing = "x".join(f"{s:g}" for s in sample.spacing)
+    print(
+        f"ACDC {sample.patient}: moving ES -> fixed ED, {shape} voxels "
+        f"(z, y, x) @ {spacing} mm, preset {args.preset!r}, {args.data_term}, "
+        f"order {args.order}, on {device}"
+    )
+    fixed, moving = sample.fixed.to(device), sample.moving.to(device)
+    # Warm-up-free timing: the first call includes any one-off set-up, as a user sees it.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    disp = nt.register(
+        fixed, moving, spacing=sample.spacing, preset=args.preset,
+        data_term=args.data_term, order=args.order,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    disp = disp.detach().float().cpu()
+    labels = tuple(range(1, len(STRUCTURES) + 1))
+    warped_labels = nt.warp_labels(sample.moving_labels, disp)
+    return dict(
+        sample=sample, displacement=disp, warped_labels=warped_labels, seconds=seconds,
+        before=nt.dice(sample.moving_labels, sample.fixed_labels, labels)[0],
+        after=nt.dice(warped_labels, sample.fixed_labels, labels)[0],
+        folds=float(nt.fold_percent(disp)[0]),
+    )  # fmt: skip
+
+
+def _print_result(r: dict, device) -> None:
+    before, after = r["before"], r["after"]
+    per = ", ".join(
+        f"{name} {b:.3f} -> {a:.3f}"
+        for name, b, a in zip(STRUCTURES, before.tolist(), after.tolist(), strict=True)
+    )
+    print(f"Dice (mean of RV, Myo, LV): {before.nanmean():.3f} -> {after.nanmean():.3f}")
+    print(f"  per structure: {per}")
+    print(f"% det J <= 0: {r['folds']:.3f}")
+    print(f"time: {r['seconds']:.2f} s on {device}")
+
+
+def _plot(r: dict, out: Path) -> None:
+    import nadmm_torch as nt
+    from nadmm_torch.viz import plot_registration
+
+    sample = r["sample"]
+    plot_registration(
+        sample.fixed, sample.moving, nt.warp(sample.moving, r["displacement"]),
+        r["displacement"], fixed_labels=sample.fixed_labels, warped_labels=r["warped_labels"],
+        moving_labels=sample.moving_labels, spacing=sample.spacing, path=out,
+        title=(
+            f"nadmm_torch demo — ACDC {sample.patient} ES → ED, "
+            f"Dice {r['before'].nanmean():.3f} → {r['after'].nanmean():.3f}"
+        ),
+    )
+    print(f"figure: {out.resolve()}")
 
 
 if __name__ == "__main__":  # pragma: no cover

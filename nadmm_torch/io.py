@@ -186,13 +186,6 @@ class Geometry:
         a[:3, 3] = _FLIP_RAS @ origin
         return a
 
-    def physical_points(self) -> np.ndarray:
-        """Physical (LPS) coordinates of every voxel: ``(*shape, ndim)`` in ITK component order."""
-        axes = [np.arange(n, dtype=np.float64) for n in self.shape]
-        idx_array = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)  # (*S, ndim) array order
-        idx_itk = idx_array[..., ::-1]
-        return idx_itk @ self.index_to_physical.T + np.asarray(self.origin)
-
     def matches(self, other: Geometry, tol: float = 1e-4) -> bool:
         """Same grid: equal size, and spacing/origin/direction equal within ``tol``."""
         if self.size != other.size:

@@ -12,7 +12,7 @@
   does not repeat samples across ranks and every file is written atomically under the pair's
   id, so there are neither duplicates nor gaps.
 
-Batches are dicts as :func:`nadmm_torch.data.torchio_acdc.collate_pairs` makes them:
+Batches are dicts as :func:`nadmm_torch.data.pairs.collate_pairs` makes them:
 ``fixed``, ``moving`` ``(B, 1, *S)``; optional ``fixed_labels``, ``moving_labels``
 ``(B, 1, *S)`` int64; optional ``spacing`` ``(B, ndim)`` (array order, mm); ``pair_id``.
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,16 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from .atomic import atomic_write
+from .checks import check_int_list, check_spacing_rows
 from .losses import DiceLoss, JacobianFoldLoss, MSELoss, NCCLoss, SmoothnessLoss, warp_onehot
 from .metrics import dice as dice_score
 from .metrics import fold_percent
+
+# The unchecked warps: they run at every training step on tensors the data loader and the
+# model made, where the public ones' value checks (finite) would synchronise with the device.
 from .ops.warp import warp, warp_labels
+
+Evaluator = Callable[[dict, Tensor], dict]
 
 __all__ = [
     "RegistrationLightningModule",
@@ -62,16 +68,10 @@ def seed_everything(seed: int = 0, deterministic_algorithms: bool = False) -> in
     return seed
 
 
-def _spacing_rows(spacing: Any, batch: int) -> list[tuple[float, ...] | None]:
-    """Per-sample spacing tuples from ``None``, ``ndim`` numbers or a ``(B, ndim)`` tensor."""
-    if spacing is None:
-        return [None] * batch
-    s = torch.as_tensor(spacing, dtype=torch.float64).detach().cpu()
-    if s.dim() == 1:
-        return [tuple(s.tolist())] * batch
-    if s.dim() != 2 or s.shape[0] != batch:
-        raise ValueError(f"spacing: expected ndim values or ({batch}, ndim), got {tuple(s.shape)}")
-    return [tuple(r) for r in s.tolist()]
+def _batch_item(batch: dict, i: int, spacing: tuple[float, ...] | None, pair_id: str) -> dict:
+    """Pair ``i`` of a collated batch: its tensors ``(1, C, *S)``, spacing tuple and id."""
+    item = {k: v[i : i + 1] for k, v in batch.items() if isinstance(v, Tensor) and k != "spacing"}
+    return {**item, "spacing": spacing, "pair_id": pair_id}
 
 
 class RegistrationLightningModule(pl.LightningModule):
@@ -88,9 +88,13 @@ class RegistrationLightningModule(pl.LightningModule):
             of the Dice loss: ``num_classes = max(labels) + 1``).
         lr: Adam learning rate (over the model's trainable parameters).
         weight_decay: Adam weight decay.
-        evaluate: ``"basic"`` (Dice per label, mean Dice, fold %) or ``"acdc"`` (the full
-            protocol of :func:`nadmm_torch.data.acdc.evaluate_pair`, 3D only, adds Hausdorff
-            distances) for :meth:`predict_step`.
+        evaluate: how :meth:`predict_step` scores a pair: ``"basic"`` (Dice per label, mean
+            Dice, fold %) or an evaluator ``evaluate(item, displacement) -> dict`` of metrics,
+            called per pair with ``item`` holding that pair's ``fixed``, ``moving`` (and
+            labels, if batched) ``(1, C, *S)``, ``spacing`` (tuple or ``None``) and
+            ``pair_id``, and ``displacement`` ``(1, ndim, *S)``; e.g.
+            :func:`nadmm_torch.data.acdc.acdc_evaluator` (the ACDC protocol, adds Hausdorff
+            distances). A module-level function keeps the module picklable.
 
     Logged (``self.log``): ``train/loss`` (step and epoch), ``train/sim``, ``train/dice_loss``,
     ``train/smooth``, ``train/fold_loss``, and per epoch ``train/dice``, ``train/fold_percent``
@@ -109,7 +113,7 @@ class RegistrationLightningModule(pl.LightningModule):
         labels: Sequence[int] = (1, 2, 3),
         lr: float = 1e-3,
         weight_decay: float = 0.0,
-        evaluate: str = "basic",
+        evaluate: str | Evaluator = "basic",
     ) -> None:
         super().__init__()
         self.model = model
@@ -121,10 +125,13 @@ class RegistrationLightningModule(pl.LightningModule):
             self.similarity = MSELoss()
         else:
             raise ValueError(f"similarity: expected 'ncc', 'mse' or a module, got {similarity!r}")
-        if evaluate not in ("basic", "acdc"):
-            raise ValueError(f"evaluate: expected 'basic' or 'acdc', got {evaluate!r}")
-        self.labels = tuple(int(v) for v in labels)
-        if not self.labels or min(self.labels) < 1:
+        if not (evaluate == "basic" or callable(evaluate)):
+            raise ValueError(
+                "evaluate: expected 'basic' or a callable evaluate(item, displacement) -> dict "
+                f"(e.g. nadmm_torch.data.acdc.acdc_evaluator), got {evaluate!r}"
+            )
+        self.labels = check_int_list(labels, "labels")
+        if min(self.labels) < 1:
             raise ValueError(f"labels: expected positive label values, got {labels!r}")
         self.num_classes = max(self.labels) + 1
         self.dice_loss = DiceLoss(self.num_classes)
@@ -147,7 +154,7 @@ class RegistrationLightningModule(pl.LightningModule):
     def forward(self, fixed: Tensor, moving: Tensor, spacing: Any = None) -> Tensor:
         """Displacement ``(B, ndim, *S)``; samples with different spacings run one by one
         (the NADMM layer takes one spacing per call)."""
-        rows = _spacing_rows(spacing, fixed.shape[0])
+        rows = check_spacing_rows(spacing, fixed.shape[0], fixed.dim() - 2)
         if all(r == rows[0] for r in rows):
             return self.model(fixed, moving, rows[0])
         return torch.cat(
@@ -220,40 +227,41 @@ class RegistrationLightningModule(pl.LightningModule):
         self._log_step("val", batch, d, self.compute_losses(batch, d))
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        """Register the batch; one record per pair: ``pair_id``, ``dice``, ``dice_<label>``
-        (``dice_rv``… and ``hd*`` with ``evaluate="acdc"``), ``fold_percent`` (Python floats,
-        NaN where undefined), ``rank``, and ``displacement`` (``(1, ndim, *S)`` CPU tensor).
+        """Register the batch; one record per pair: ``pair_id``, the metrics of ``evaluate``
+        (``"basic"``: ``dice``, ``dice_<label>``, ``fold_percent``; Python floats, NaN where
+        undefined), ``rank``, and ``displacement`` (``(1, ndim, *S)`` CPU tensor).
 
         Use ``Trainer(inference_mode=False)`` if the same process trains NADMM afterwards (the
         solver's caches must not be created under inference mode)."""
         d = self(batch["fixed"], batch["moving"], batch.get("spacing"))
         b = d.shape[0]
-        ids = batch.get("pair_id", [str(batch_idx * b + i) for i in range(b)])
-        records: list[dict] = []
-        if self.evaluate == "acdc":
-            from .data.acdc import ACDCPair, evaluate_pair
-
-            rows = _spacing_rows(batch.get("spacing"), b)
-            for i in range(b):
-                pair = ACDCPair(
-                    batch["fixed"][i : i + 1], batch["moving"][i : i + 1],
-                    batch["fixed_labels"][i : i + 1], batch["moving_labels"][i : i + 1],
-                    rows[i], str(ids[i]),
-                )  # fmt: skip
-                records.append({"pair_id": str(ids[i]), **evaluate_pair(pair, d[i : i + 1])})
+        ids = [str(v) for v in batch.get("pair_id", [batch_idx * b + i for i in range(b)])]
+        if self.evaluate == "basic":
+            records = self._basic_records(batch, d, ids)
         else:
-            m = self.pair_metrics(batch, d)
-            for i in range(b):
-                rec: dict = {"pair_id": str(ids[i])}
-                if "dice" in m:
-                    rec["dice"] = float(m["dice"][i])
-                    for j, lab in enumerate(self.labels):
-                        rec[f"dice_{lab}"] = float(m["dice_per_label"][i, j])
-                rec["fold_percent"] = float(m["fold_percent"][i])
-                records.append(rec)
+            rows = check_spacing_rows(batch.get("spacing"), b, d.dim() - 2)
+            records = [
+                {"pair_id": ids[i],
+                 **self.evaluate(_batch_item(batch, i, rows[i], ids[i]), d[i : i + 1])}
+                for i in range(b)
+            ]  # fmt: skip
         for i, rec in enumerate(records):
             rec["rank"] = int(self.global_rank)
             rec["displacement"] = d[i : i + 1].detach().float().cpu()
+        return records
+
+    def _basic_records(self, batch: dict, d: Tensor, ids: list[str]) -> list[dict]:
+        """``pair_id``, ``dice``, ``dice_<label>`` (with labels) and ``fold_percent`` per pair."""
+        m = self.pair_metrics(batch, d)
+        records = []
+        for i, pair_id in enumerate(ids):
+            rec: dict = {"pair_id": pair_id}
+            if "dice" in m:
+                rec["dice"] = float(m["dice"][i])
+                for j, lab in enumerate(self.labels):
+                    rec[f"dice_{lab}"] = float(m["dice_per_label"][i, j])
+            rec["fold_percent"] = float(m["fold_percent"][i])
+            records.append(rec)
         return records
 
 
@@ -310,7 +318,7 @@ def register_cohort(
     batch_size: int = 1,
     num_workers: int = 0,
     save_displacement: bool = False,
-    evaluate: str = "basic",
+    evaluate: str | Evaluator = "basic",
     labels: Sequence[int] = (1, 2, 3),
 ) -> list[dict]:
     """Register every pair of a data set with ``Trainer.predict`` and write one JSON per pair.
@@ -318,7 +326,7 @@ def register_cohort(
     Args:
         pairs_dataset: items are ``tio.Subject`` pairs (e.g.
             :func:`~nadmm_torch.data.torchio_acdc.acdc_subjects_dataset`), batched with
-            :func:`~nadmm_torch.data.torchio_acdc.collate_pairs`; each needs a unique
+            :func:`~nadmm_torch.data.pairs.collate_pairs`; each needs a unique
             ``pair_id``.
         model: a :class:`RegistrationLightningModule`, or any model it can wrap.
         outdir: where ``<pair_id>.json`` files go (created; meant to hold only this run's
@@ -338,7 +346,7 @@ def register_cohort(
         RuntimeError: if the number of files differs from the number of pairs (a gap, or
             duplicate ids in the data set).
     """
-    from .data.torchio_acdc import collate_pairs
+    from .data.pairs import collate_pairs
 
     if not isinstance(model, RegistrationLightningModule):
         model = RegistrationLightningModule(model, evaluate=evaluate, labels=labels)

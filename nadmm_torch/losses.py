@@ -21,6 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .checks import (
+    check_displacement_layout,
+    check_grid,
+    check_image_layout,
+    check_label_map,
+    check_same_shape,
+    check_spacing_rows,
+)
+
+# The unchecked operators: a loss runs at every training step and checks its inputs' structure
+# itself; the public, value-checking forms (nadmm_torch.warp, metrics.jacobian_determinant)
+# would synchronise with the device each time.
 from .ops.diff import jacobian_determinant
 from .ops.warp import warp
 
@@ -38,48 +50,17 @@ __all__ = [
 SpacingLike = Sequence[float] | Tensor | None
 
 
-# -- shape checks ------------------------------------------------------------------------------
-def _check_image(x: object, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() not in (4, 5):
-        raise ValueError(
-            f"{name}: expected (B, C, H, W) or (B, C, D, H, W), got shape {tuple(x.shape)}"
-        )
-    return x
-
-
-def _check_same(a: Tensor, b: Tensor, na: str, nb: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{na} {tuple(a.shape)} and {nb} {tuple(b.shape)} must have one shape")
-
-
-def _check_displacement(d: object, name: str = "displacement") -> Tensor:
-    d = _check_image(d, name)
-    if d.shape[1] != d.dim() - 2:
-        raise ValueError(
-            f"{name}: expected (B, ndim, *S) with ndim = len(S), got shape {tuple(d.shape)}"
-        )
-    if not d.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype, got {d.dtype}")
-    return d
+# -- checks ------------------------------------------------------------------------------------
+# Structure only (no value is read): the losses run at every training step, where a check that
+# synchronises with the device would cost more than the loss.
 
 
 def _spacing(spacing: SpacingLike, batch: int, ndim: int, like: Tensor) -> Tensor | None:
     """``None`` or a ``(B, ndim)`` spacing tensor from ``ndim`` numbers or ``(B, ndim)``."""
-    if spacing is None:
+    rows = check_spacing_rows(spacing, batch, ndim)
+    if rows[0] is None:
         return None
-    s = torch.as_tensor(spacing, dtype=like.dtype, device=like.device)
-    if s.dim() == 1:
-        s = s.unsqueeze(0).expand(batch, -1)
-    if s.dim() != 2 or s.shape[1] != ndim or s.shape[0] not in (1, batch):
-        raise ValueError(
-            f"spacing: expected {ndim} values or a ({batch}, {ndim}) tensor, got shape "
-            f"{tuple(s.shape)}"
-        )
-    if not bool((s > 0).all()):
-        raise ValueError("spacing: values must be positive")
-    return s.expand(batch, ndim)
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)
 
 
 # -- similarity ----------------------------------------------------------------------------------
@@ -90,9 +71,9 @@ class MSELoss(nn.Module):
     """
 
     def forward(self, warped: Tensor, fixed: Tensor) -> Tensor:
-        _check_image(warped, "warped")
-        _check_image(fixed, "fixed")
-        _check_same(warped, fixed, "warped", "fixed")
+        check_image_layout(warped, "warped")
+        check_image_layout(fixed, "fixed")
+        check_same_shape(fixed, warped, "fixed", "warped")
         return (warped - fixed).pow(2).mean()
 
 
@@ -119,9 +100,9 @@ def local_ncc(a: Tensor, b: Tensor, window: int | Sequence[int] = 9, eps: float 
         ``(B, C, *S)`` in ``[0, 1]`` (up to ``eps``); 1 where ``a`` and ``b`` agree up to an
         affine intensity change and are not locally flat.
     """
-    _check_image(a, "a")
-    _check_image(b, "b")
-    _check_same(a, b, "a", "b")
+    check_image_layout(a, "a")
+    check_image_layout(b, "b")
+    check_same_shape(a, b, "a", "b")
     ndim = a.dim() - 2
     w = _window(window, ndim)
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
@@ -163,11 +144,10 @@ class NCCLoss(nn.Module):
 # -- labels ------------------------------------------------------------------------------------
 def one_hot(labels: Tensor, num_classes: int, dtype: torch.dtype = torch.float32) -> Tensor:
     """``(B, 1, *S)`` integer labels → ``(B, num_classes, *S)`` one-hot of ``dtype``."""
-    _check_image(labels, "labels")
-    if labels.shape[1] != 1 or labels.is_floating_point():
-        raise ValueError(
-            f"labels: expected an integer (B, 1, *S) map, got {labels.dtype} {tuple(labels.shape)}"
-        )
+    check_grid(labels, "labels")
+    check_label_map(labels, "labels")
+    if labels.shape[1] != 1:
+        raise ValueError(f"labels: expected a (B, 1, *S) map, got shape {tuple(labels.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
         raise ValueError(
             f"labels: values must lie in [0, {num_classes}), got [{int(labels.min())}, "
@@ -187,7 +167,7 @@ def warp_onehot(labels: Tensor, displacement: Tensor, num_classes: int) -> Tenso
     Returns:
         ``(B, num_classes, *S)``, non-negative, summing to 1 over classes (linear weights).
     """
-    d = _check_displacement(displacement)
+    d = check_displacement_layout(displacement)
     return warp(one_hot(labels, num_classes, d.dtype), d, mode="bilinear")
 
 
@@ -218,7 +198,7 @@ class DiceLoss(nn.Module):
         self.smooth = smooth
 
     def _probs(self, x: Tensor, name: str) -> Tensor:
-        _check_image(x, name)
+        check_grid(x, name)
         if not x.is_floating_point():
             return one_hot(x, self.num_classes)
         if x.shape[1] != self.num_classes:
@@ -231,7 +211,7 @@ class DiceLoss(nn.Module):
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         p = self._probs(pred, "pred")
         t = self._probs(target, "target").to(p.dtype)
-        _check_same(p, t, "pred", "target")
+        check_same_shape(p, t, "pred", "target")
         if not self.include_background:
             p, t = p[:, 1:], t[:, 1:]
         dims = tuple(range(2, p.dim()))
@@ -257,7 +237,7 @@ class SmoothnessLoss(nn.Module):
     """
 
     def forward(self, displacement: Tensor, spacing: SpacingLike = None) -> Tensor:
-        d = _check_displacement(displacement)
+        d = check_displacement_layout(displacement)
         b, ndim = d.shape[:2]
         h = _spacing(spacing, b, ndim, d)
         total = d.new_zeros(())
@@ -285,7 +265,7 @@ class JacobianFoldLoss(nn.Module):
         self.margin = margin
 
     def forward(self, displacement: Tensor) -> Tensor:
-        d = _check_displacement(displacement)
+        d = check_displacement_layout(displacement)
         return F.relu(self.margin - jacobian_determinant(d)).mean()
 
     def extra_repr(self) -> str:

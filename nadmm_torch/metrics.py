@@ -2,7 +2,7 @@
 
 Conventions: label maps are integer tensors ``(B, 1, *S)`` or ``(B, *S)`` (only the batch axis
 and, for the Hausdorff distance, the last two axes matter); displacements are
-``(B, ndim, *S)`` in voxel units (see :mod:`nadmm_torch.ops.warp`).
+``(B, ndim, *S)`` in voxel units (see :func:`nadmm_torch.warp`).
 
 Everything is torch except the distance transforms of :func:`hausdorff_slices`, which use
 :func:`scipy.ndimage.distance_transform_edt` (exact Euclidean distance transform).
@@ -18,39 +18,24 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
-from .checks import check_finite, check_nonempty
+from .checks import (
+    check_choice,
+    check_displacement,
+    check_int_list,
+    check_label_map,
+    check_same_shape,
+    check_spacing,
+)
 from .ops.diff import jacobian_determinant as _jacobian_determinant
 
 __all__ = ["dice", "hausdorff_slices", "jacobian_determinant", "fold_percent"]
 
 
-def _check_labels(pred: Tensor, true: Tensor, name: str = "pred") -> None:
-    if not isinstance(pred, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(pred).__name__}")
-    if not isinstance(true, Tensor):
-        raise ValueError(f"true_labels must be a torch.Tensor, got {type(true).__name__}")
-    if pred.shape != true.shape:
-        raise ValueError(
-            f"{name} and true labels must have the same shape, got {tuple(pred.shape)} "
-            f"and {tuple(true.shape)}"
-        )
-    if pred.dim() < 2:
-        raise ValueError(f"{name} must have a batch axis and spatial axes, got {pred.dim()}-D")
-    if pred.is_floating_point() or pred.is_complex():
-        raise ValueError(f"{name} must be an integer label map, got dtype {pred.dtype}")
-    if true.is_floating_point() or true.is_complex():
-        raise ValueError(f"true labels must be an integer label map, got dtype {true.dtype}")
-    check_nonempty(pred, name)  # an empty map would score NaN silently
-
-
-def _check_label_list(labels: Sequence[int]) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in labels)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"labels must be a sequence of ints, got {labels!r}") from e
-    if not out:
-        raise ValueError("labels must not be empty")
-    return out
+def _check_label_pair(pred: object, true: object, pred_name: str, true_name: str) -> None:
+    """Two integer label maps of one shape (an empty map would score NaN silently)."""
+    check_label_map(pred, pred_name)
+    check_label_map(true, true_name)
+    check_same_shape(pred, true, pred_name, true_name)
 
 
 def dice(pred_labels: Tensor, true_labels: Tensor, labels: Sequence[int] = (1, 2, 3)) -> Tensor:
@@ -65,8 +50,8 @@ def dice(pred_labels: Tensor, true_labels: Tensor, labels: Sequence[int] = (1, 2
         ``(B, len(labels))`` float64 on the input device. 0 where exactly one of the two masks
         is empty, NaN where both are (undefined overlap).
     """
-    _check_labels(pred_labels, true_labels, "pred_labels")
-    labs = _check_label_list(labels)
+    _check_label_pair(pred_labels, true_labels, "pred_labels", "true_labels")
+    labs = check_int_list(labels, "labels")
     p = pred_labels.reshape(pred_labels.shape[0], -1)
     t = true_labels.reshape(true_labels.shape[0], -1)
     out = []
@@ -79,17 +64,14 @@ def dice(pred_labels: Tensor, true_labels: Tensor, labels: Sequence[int] = (1, 2
     return torch.stack(out, dim=1)
 
 
-def _inplane_spacing(spacing: Sequence[float]) -> tuple[float, float]:
-    try:
-        sp = tuple(float(s) for s in spacing)
-    except TypeError as e:
-        raise ValueError(f"spacing must be a sequence of floats, got {spacing!r}") from e
-    if len(sp) < 2:
-        raise ValueError(f"spacing must hold at least the two in-plane values, got {spacing!r}")
-    sp = sp[-2:]
-    if not all(math.isfinite(s) and s > 0 for s in sp):
-        raise ValueError(f"spacing must be positive and finite, got {spacing!r}")
-    return sp
+def _inplane_spacing(spacing: object) -> tuple[float, float]:
+    """The last two values of a spacing (one per spatial axis, at least the two in-plane)."""
+    n = len(spacing) if isinstance(spacing, (Sequence, Tensor, np.ndarray)) else 2
+    if n < 2:
+        raise ValueError(
+            f"spacing: expected at least the two in-plane values, got {spacing!r}"
+        )
+    return check_spacing(spacing, n)[-2:]
 
 
 def _directed_max(a: np.ndarray, b: np.ndarray, sampling: tuple[float, float]) -> float:
@@ -130,13 +112,11 @@ def hausdorff_slices(
     Returns:
         float64 tensor on the input device.
     """
-    _check_labels(pred, true, "pred")
-    labs = _check_label_list(labels)
+    check_label_map(pred, "pred", min_dims=3)  # a batch axis and two in-plane axes
+    _check_label_pair(pred, true, "pred", "true")
+    labs = check_int_list(labels, "labels")
     sampling = _inplane_spacing(spacing)
-    if reduction not in ("mean", "none"):
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if pred.dim() < 3:
-        raise ValueError(f"pred must have a batch axis and two in-plane axes, got {pred.dim()}-D")
+    check_choice(reduction, "reduction", ("mean", "none"))
     b = pred.shape[0]
     h, w = pred.shape[-2:]
     p = pred.detach().reshape(b, -1, h, w).cpu().numpy()
@@ -158,24 +138,12 @@ def hausdorff_slices(
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
 
 
-def _check_displacement(displacement: object) -> Tensor:
-    if not isinstance(displacement, Tensor):
-        raise ValueError(f"displacement must be a torch.Tensor, got {type(displacement).__name__}")
-    if displacement.dim() not in (4, 5) or displacement.shape[1] != displacement.dim() - 2:
-        raise ValueError(
-            "displacement must have shape (B, ndim, *S) with ndim = len(S) in {2, 3}, got "
-            f"{tuple(displacement.shape)}"
-        )
-    if not displacement.is_floating_point():
-        raise ValueError(f"displacement must be floating point, got dtype {displacement.dtype}")
-    check_nonempty(displacement, "displacement")
-    # NaN compares False with 0: a NaN field would count as fold-free.
-    check_finite(displacement, "displacement")
-    return displacement
-
-
 def jacobian_determinant(displacement: Tensor) -> Tensor:
     """``det(I + ∇d)`` (central differences, voxel units; independent of spacing).
+
+    The public, validated form (shape, dtype, finite values; a NaN field would otherwise
+    count as fold-free): :func:`nadmm_torch.ops.diff.jacobian_determinant` is the same
+    computation without checks, for the package's internals (the solver's safeguard).
 
     Args:
         displacement: ``(B, ndim, *S)`` with ndim = 2 or 3 equal to ``len(S)``, voxel units,
@@ -184,7 +152,7 @@ def jacobian_determinant(displacement: Tensor) -> Tensor:
     Returns:
         ``(B, *S)``.
     """
-    return _jacobian_determinant(_check_displacement(displacement))
+    return _jacobian_determinant(check_displacement(displacement, "displacement"))
 
 
 def fold_percent(displacement: Tensor) -> Tensor:
@@ -197,5 +165,5 @@ def fold_percent(displacement: Tensor) -> Tensor:
     Returns:
         ``(B,)`` float tensor, in percent (0 ... 100).
     """
-    det = _jacobian_determinant(_check_displacement(displacement))
+    det = jacobian_determinant(displacement)
     return (det <= 0).reshape(det.shape[0], -1).to(displacement.dtype).mean(1) * 100.0

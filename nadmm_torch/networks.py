@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops.warp import compose
+from .ops.warp import compose  # unchecked: runs inside the forward pass of a network
 
 __all__ = ["VoxelMorph", "MonaiNetwork", "NetworkWithNADMM", "integrate_velocity"]
 

@@ -62,7 +62,7 @@ def _spatial_ndim(displacement) -> int:
     # (ndim, *S) after squeezing: ndim == number of spatial axes.
     if d.ndim >= 3 and d.shape[0] == d.ndim - 1:
         return d.ndim - 1
-    raise ValueError(f"expected a displacement (1, ndim, *S), got shape {d.shape}")
+    raise ValueError(f"displacement: expected (1, ndim, *S) or (ndim, *S), got shape {d.shape}")
 
 
 def choose_slice(volume, labels=None) -> int:
@@ -273,6 +273,30 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     return path
 
 
+def _jacobian(displacement, ndim: int) -> np.ndarray:
+    """``det(I + ∇d)`` ``(*S)`` of a displacement given as a tensor or an array."""
+    import torch
+
+    from .metrics import jacobian_determinant
+
+    d = torch.as_tensor(_array(displacement, ndim), dtype=torch.float64)[None]
+    return jacobian_determinant(d)[0].numpy()
+
+
+def _plot_images(axes, images, labels, window, aspect: float) -> None:
+    """Fixed, moving and warped slices; the fixed labels' contours (solid) on all three, the
+    moving and warped labels' (dashed) on their images."""
+    for ax, image, title in zip(axes, images, ("fixed", "moving", "warped moving"), strict=True):
+        plot_image(ax, image, window, aspect, title)
+    fixed_labels, *others = labels
+    if fixed_labels is not None:
+        for ax in axes:
+            plot_contours(ax, fixed_labels)
+    for ax, lab in zip(axes[1:], others, strict=True):
+        if lab is not None:
+            plot_contours(ax, lab, "dashed")
+
+
 def plot_registration(
     fixed,
     moving,
@@ -303,8 +327,6 @@ def plot_registration(
             labels, else the middle.
         path: PNG to write (atomically); ``None`` returns the ``Figure`` instead.
     """
-    from .ops.diff import jacobian_determinant
-
     ndim = _spatial_ndim(displacement)
     if slice_index is None:
         slice_index = choose_slice(fixed, fixed_labels) if ndim == 3 else 0
@@ -312,10 +334,7 @@ def plot_registration(
     m2 = take_slice(moving, slice_index, ndim)
     w2 = take_slice(warped, slice_index, ndim)
     d2 = _field_slice(displacement, slice_index)
-    import torch
-
-    d_t = torch.as_tensor(_array(displacement, ndim), dtype=torch.float64)[None]
-    detj = jacobian_determinant(d_t)[0].numpy()
+    detj = _jacobian(displacement, ndim)
     j2 = detj if ndim == 2 else detj[slice_index]
     inplane = tuple(spacing[-2:]) if spacing is not None else (1.0, 1.0)
     aspect = float(inplane[0] / inplane[1])
@@ -324,17 +343,9 @@ def plot_registration(
     fig = Figure(figsize=(15, 6.4), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 5)
-    plot_image(axes[0, 0], f2, window, aspect, "fixed")
-    plot_image(axes[0, 1], m2, window, aspect, "moving")
-    plot_image(axes[0, 2], w2, window, aspect, "warped moving")
-    flab = take_slice(fixed_labels, slice_index, ndim) if fixed_labels is not None else None
-    if flab is not None:
-        for ax in axes[0, :3]:
-            plot_contours(ax, flab)
-    if moving_labels is not None:
-        plot_contours(axes[0, 1], take_slice(moving_labels, slice_index, ndim), "dashed")
-    if warped_labels is not None:
-        plot_contours(axes[0, 2], take_slice(warped_labels, slice_index, ndim), "dashed")
+    labels = [None if lab is None else take_slice(lab, slice_index, ndim)
+              for lab in (fixed_labels, moving_labels, warped_labels)]
+    _plot_images(axes[0, :3], (f2, m2, w2), labels, window, aspect)
     plot_checkerboard(axes[0, 3], f2, m2, window, aspect=aspect, title="fixed | moving")
     plot_checkerboard(axes[0, 4], f2, w2, window, aspect=aspect, title="fixed | warped")
     plot_overlay(axes[1, 0], f2, m2, window, aspect, "before (fixed magenta, moving green)")

@@ -25,7 +25,7 @@ from nadmm_torch.data.acdc import (
     foreground_centre,
     load_pair,
     load_volume,
-    read_pairs,
+    read_acdc_pairs,
     resample_inplane,
     split,
     summarize,
@@ -185,7 +185,7 @@ def test_demons_on_sample_improves_dice():
 
 @needs_data
 def test_read_pairs_and_load_volume():
-    rows = read_pairs(DATA)
+    rows = read_acdc_pairs(DATA)
     assert len(rows) > 0
     r = rows[0]
     assert {"patient", "group", "ed_file", "es_file", "spacing_z_mm"} <= set(r)
@@ -197,7 +197,7 @@ def test_read_pairs_and_load_volume():
 @needs_data
 @pytest.mark.acdc
 def test_load_pair_shapes_crop_and_fingerprint():
-    rows = read_pairs(DATA)
+    rows = read_acdc_pairs(DATA)
     for r in rows[:: max(1, len(rows) // 3)][:3]:
         pair = load_pair(DATA, r["patient"])
         ed_img, ed_lab = load_volume(DATA / r["ed_file"])
@@ -223,7 +223,7 @@ def test_load_pair_shapes_crop_and_fingerprint():
 
 @needs_data
 def test_split_of_data_folder():
-    rows = read_pairs(DATA)
+    rows = read_acdc_pairs(DATA)
     tune, report = split(rows)
     assert not set(tune) & set(report)
     assert len(tune) + len(report) == len(rows)
@@ -269,7 +269,7 @@ def test_benchmark_smoke(tmp_path):
 @pytest.mark.acdc
 @pytest.mark.parametrize("data_term,order", [("l2", 2), ("l1", 1), ("l2", 3)])
 def test_registration_raises_dice_on_real_pairs_without_folding(data_term, order):
-    rows = read_pairs(DATA)
+    rows = read_acdc_pairs(DATA)
     _, report = split(rows)
     for patient in report[::7]:  # 3 pairs: DCM, HCM, NOR
         pair = load_pair(DATA, patient)

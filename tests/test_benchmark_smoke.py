@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/speed.py`` (issue 7) on a tiny grid of the bundled sample, so the
+"""Smoke test of ``benchmarks/speed.py`` on a tiny grid of the bundled sample, so the
 benchmark cannot rot between the runs that fill the README. No timing is asserted."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import nadmm_torch as nt
 from nadmm_torch.data.sample import load_sample
 from nadmm_torch.ops.solver import COMPILE_MODES, compile_mode
 
-from .test_solver import blobs, smooth_field
+from .synthetic import blobs, smooth_field
 
 
 def test_compiled_inference_equals_eager_on_the_sample():

@@ -10,7 +10,7 @@ import nadmm_torch as nt
 from nadmm_torch.data.sample import load_sample
 from nadmm_torch.ops.admm import nesterov_admm
 
-from .test_solver import blobs, smooth_field
+from .synthetic import blobs, smooth_field
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

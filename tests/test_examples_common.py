@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from .lightning_ddp_job import small_nadmm, synthetic_dataset
+from .synthetic import small_nadmm, synthetic_dataset
 
 pl = pytest.importorskip("pytorch_lightning")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -32,7 +32,7 @@ def common():
 def _loaders(n_train=4, n_val=2):
     from torch.utils.data import DataLoader
 
-    from nadmm_torch.data.torchio_acdc import collate_pairs
+    from nadmm_torch.data.pairs import collate_pairs
 
     ds = synthetic_dataset(n_train + n_val)
     train = torch.utils.data.Subset(ds, range(n_train))

@@ -1,4 +1,4 @@
-"""CI slice of ``benchmarks/folding.py`` (issue 8): one ACDC pair, the fast preset, l2 order 2,
+"""CI slice of ``benchmarks/folding.py``: one ACDC pair, the fast preset, l2 order 2,
 λ × 0.1 and × 10; no voxel may fold. Skipped where the ACDC data folder is absent."""
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ from nadmm_torch.io import (
 )
 from nadmm_torch.ops.warp import warp
 
+from .synthetic import sine_field, sine_image
+
 
 def _rotation_flip_3d() -> np.ndarray:
     t = 0.4
@@ -48,21 +50,6 @@ def geometry_2d(shape=(34, 28)) -> Geometry:
                     direction=tuple(d.ravel()))
 
 
-def smooth_image(shape) -> torch.Tensor:
-    axes = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
-    img = sum(np.sin((3 + 2 * k) * a + k) for k, a in enumerate(axes)) + np.prod(axes, axis=0)
-    return torch.tensor(img, dtype=torch.float32)[None, None]
-
-
-def smooth_field(shape, amplitude=(0.6, 2.5, -2.0)) -> torch.Tensor:
-    axes = np.meshgrid(*[np.linspace(0, 1, n) for n in shape], indexing="ij")
-    comps = []
-    for i, amp in enumerate(amplitude[-len(shape):]):
-        a, b = axes[(i + 1) % len(shape)], axes[(i + 2) % len(shape)]
-        comps.append(amp * np.sin(np.pi * a) * np.sin(2 * np.pi * b + 0.3 * i))
-    return torch.tensor(np.stack(comps), dtype=torch.float32)[None]
-
-
 def _inside(shape, d: torch.Tensor, margin: float = 1.0) -> np.ndarray:
     """Voxels whose sample point x + d stays inside the grid (where ITK and torch agree)."""
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
@@ -79,7 +66,7 @@ def _inside(shape, d: torch.Tensor, margin: float = 1.0) -> np.ndarray:
 @pytest.mark.parametrize("ext", [".nii.gz", ".nii", ".mha", ".mhd", ".nrrd"])
 def test_write_read_round_trip_keeps_values_and_geometry(tmp_path, ext):
     geo = geometry_3d()
-    img = smooth_image(geo.shape)
+    img = sine_image(geo.shape)
     path = write_image(img, geo, tmp_path / f"img{ext}")
     back, geo2 = read_image(path)
     assert torch.equal(back, img)
@@ -129,7 +116,7 @@ def test_write_is_atomic_on_failure(tmp_path):
 
 def test_resample_to_other_grid_through_physical_space():
     fixed = geometry_3d()
-    img = smooth_image(fixed.shape)
+    img = sine_image(fixed.shape)
     lab = (img > 0.5).long() * 2
     # The moving grid: cropped by 3 voxels along ITK x and 2 along z, origin moved to match.
     shift = np.array([3.0, 0.0, 2.0])
@@ -168,8 +155,8 @@ def test_constant_shift_is_a_physical_vector():
 def test_displacement_to_itk_reproduces_warp(ndim, tmp_path):
     """sitk.Resample with DisplacementFieldTransform(field) == our warp (non-trivial field)."""
     geo = geometry_3d() if ndim == 3 else geometry_2d()
-    img = smooth_image(geo.shape)
-    d = smooth_field(geo.shape)
+    img = sine_image(geo.shape)
+    d = sine_field(geo.shape)
     assert float(d.abs().max()) > 1.5
     ours = warp(img, d)[0, 0].numpy()
     assert np.abs(ours - img[0, 0].numpy()).max() > 0.1  # the field does move things
@@ -190,7 +177,7 @@ def test_displacement_to_itk_reproduces_warp(ndim, tmp_path):
 
 def test_itk_to_displacement_inverts(tmp_path):
     for geo in (geometry_3d(), geometry_2d()):
-        d = smooth_field(geo.shape)
+        d = sine_field(geo.shape)
         field = displacement_to_itk(d, geo)
         assert torch.allclose(itk_to_displacement(field), d, atol=1e-5)
         write_image(field, None, tmp_path / "d.nii.gz")
@@ -205,7 +192,7 @@ def test_itk_to_displacement_inverts(tmp_path):
 def test_torchio_matches_torchio_reading_our_file(tmp_path):
     tio = pytest.importorskip("torchio")
     geo = geometry_3d()
-    img = smooth_image(geo.shape)
+    img = sine_image(geo.shape)
     write_image(img, geo, tmp_path / "img.nii.gz")
     ref = tio.ScalarImage(tmp_path / "img.nii.gz")
     ours = to_torchio(img, geo)
@@ -230,7 +217,7 @@ def test_torchio_matches_torchio_reading_our_file(tmp_path):
 def test_torchio_2d(tmp_path):
     tio = pytest.importorskip("torchio")
     geo = geometry_2d()
-    img = smooth_image(geo.shape)
+    img = sine_image(geo.shape)
     write_image(img, geo, tmp_path / "img.nii.gz")
     ref = tio.ScalarImage(tmp_path / "img.nii.gz")
     ours = to_torchio(img, geo)

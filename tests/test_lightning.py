@@ -26,7 +26,7 @@ from nadmm_torch.losses import (
 )
 from nadmm_torch.networks import NetworkWithNADMM, VoxelMorph, integrate_velocity
 
-from .lightning_ddp_job import N_PAIRS, small_nadmm, synthetic_dataset, synthetic_pair
+from .synthetic import N_PAIRS, small_nadmm, synthetic_dataset, synthetic_pair
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -42,7 +42,7 @@ TRAINER = dict(
 
 
 def _batch(seeds=(0, 1)) -> dict:
-    from nadmm_torch.data.torchio_acdc import collate_pairs
+    from nadmm_torch.data.pairs import collate_pairs
 
     return collate_pairs([synthetic_dataset(max(seeds) + 1)[i] for i in seeds])
 
@@ -158,7 +158,8 @@ def test_network_plus_nadmm_gradients_reach_network():
 
 # -- TorchIO ---------------------------------------------------------------------------------------
 def test_torchio_pairs_collate_and_augmentation():
-    from nadmm_torch.data.torchio_acdc import collate_pairs, pair_augmentation
+    from nadmm_torch.data.pairs import collate_pairs
+    from nadmm_torch.data.torchio_acdc import pair_augmentation
 
     ds = synthetic_dataset(2, spacing=(2.0, 1.0))
     s = ds[0]
@@ -184,7 +185,8 @@ def test_torchio_pairs_collate_and_augmentation():
 @pytest.mark.acdc
 def test_torchio_acdc_subject_matches_protocol():
     from nadmm_torch.data.acdc import load_pair
-    from nadmm_torch.data.torchio_acdc import acdc_subject, acdc_subjects_dataset, collate_pairs
+    from nadmm_torch.data.pairs import collate_pairs
+    from nadmm_torch.data.torchio_acdc import acdc_subject, acdc_subjects_dataset
 
     s = acdc_subject(DATA, "patient001")
     pair = load_pair(DATA, "patient001")
@@ -203,7 +205,7 @@ def test_torchio_acdc_subject_matches_protocol():
 def test_learning_lambda_theta_reduces_training_loss():
     from torch.utils.data import DataLoader
 
-    from nadmm_torch.data.torchio_acdc import collate_pairs
+    from nadmm_torch.data.pairs import collate_pairs
     from nadmm_torch.lightning import RegistrationLightningModule, seed_everything
 
     seed_everything(0)
@@ -234,7 +236,7 @@ def test_learning_lambda_theta_reduces_training_loss():
 def test_end_to_end_network_nadmm_lightning_step():
     from torch.utils.data import DataLoader
 
-    from nadmm_torch.data.torchio_acdc import collate_pairs
+    from nadmm_torch.data.pairs import collate_pairs
     from nadmm_torch.lightning import RegistrationLightningModule, seed_everything
 
     seed_everything(0)
@@ -300,22 +302,19 @@ def test_ddp_predict_no_duplicates_and_fit(tmp_path):
 @needs_data
 @pytest.mark.acdc
 def test_acdc_cohort_matches_protocol_and_3d_training_step(tmp_path):
-    """register_cohort(evaluate="acdc") scores like register + evaluate_pair; one 3D training
-    step on an augmented ACDC pair (anisotropic spacing, NCC window (3, 9, 9))."""
+    """register_cohort(evaluate=acdc_evaluator) scores like register + evaluate_pair; one 3D
+    training step on an augmented ACDC pair (anisotropic spacing, NCC window (3, 9, 9))."""
     from torch.utils.data import DataLoader
 
     from nadmm_torch import NADMMRegistration, register
-    from nadmm_torch.data.acdc import evaluate_pair, load_pair
-    from nadmm_torch.data.torchio_acdc import (
-        acdc_subjects_dataset,
-        collate_pairs,
-        pair_augmentation,
-    )
+    from nadmm_torch.data.acdc import acdc_evaluator, evaluate_pair, load_pair
+    from nadmm_torch.data.pairs import collate_pairs
+    from nadmm_torch.data.torchio_acdc import acdc_subjects_dataset, pair_augmentation
     from nadmm_torch.lightning import RegistrationLightningModule, register_cohort
 
     ds = acdc_subjects_dataset(DATA, ["patient001"])
     rec = register_cohort(ds, NADMMRegistration("fast"), tmp_path / "c", TRAINER,
-                          evaluate="acdc")[0]
+                          evaluate=acdc_evaluator)[0]
     pair = load_pair(DATA, "patient001")
     ref = evaluate_pair(pair, register(pair.fixed, pair.moving, spacing=pair.spacing))
     assert rec["pair_id"] == "patient001"

@@ -37,12 +37,18 @@ def test_dice_identical_and_batch():
 
 def test_dice_validation():
     a = torch.zeros(1, 1, 4, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match="true_labels: expected the same shape"):
         dice(a, torch.zeros(1, 1, 4, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="pred_labels"):
+    with pytest.raises(TypeError, match="pred_labels: expected an integer label map"):
         dice(a.float(), a)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(TypeError, match="true_labels: expected a torch.Tensor"):
+        dice(a, a.numpy())
+    with pytest.raises(ValueError, match="labels: expected at least one value"):
         dice(a, a, labels=())
+    with pytest.raises(TypeError, match="labels: expected a sequence of integers"):
+        dice(a, a, labels=(1.5,))
+    with pytest.raises(ValueError, match="pred_labels: is empty"):
+        dice(a[:0], a[:0])
 
 
 def _brute_hd(a: np.ndarray, b: np.ndarray, sp: tuple[float, float]) -> float:
@@ -108,8 +114,17 @@ def test_hausdorff_validation():
         hausdorff_slices(a, a, (1.0,))
     with pytest.raises(ValueError, match="spacing"):
         hausdorff_slices(a, a, (1.0, -1.0))
-    with pytest.raises(ValueError, match="reduction"):
+    with pytest.raises(ValueError, match="reduction: expected one of"):
         hausdorff_slices(a, a, (1.0, 1.0), reduction="sum")
+    with pytest.raises(ValueError, match="pred: expected at least 3 dims"):
+        hausdorff_slices(a[:, 0, 0, 0], a[:, 0, 0, 0], (1.0, 1.0))
+    # the full spacing of S and a tensor work as the in-plane pair does
+    two = torch.zeros(1, 1, 2, 4, 4, dtype=torch.long)
+    two[0, 0, 0, 1, 1] = two[0, 0, 0, 2, 3] = 1
+    ref = hausdorff_slices(two, two.flip(-1), (2.0, 1.0), (1,))
+    assert ref.item() == pytest.approx(math.hypot(2.0, 1.0))  # (1,1)->(1,2) and (2,3)->(2,0)
+    assert torch.equal(hausdorff_slices(two, two.flip(-1), (7.0, 2.0, 1.0), (1,)), ref)
+    assert torch.equal(hausdorff_slices(two, two.flip(-1), torch.tensor([2.0, 1.0]), (1,)), ref)
 
 
 def test_fold_percent_zero_and_known_fold():
@@ -132,7 +147,29 @@ def test_fold_percent_zero_and_known_fold():
 
 
 def test_fold_percent_validation():
-    with pytest.raises(ValueError, match="displacement"):
+    with pytest.raises(ValueError, match="displacement: expected a \\(B, ndim, \\*S\\)"):
         fold_percent(torch.zeros(1, 2, 4, 4, 4))
-    with pytest.raises(ValueError, match="displacement"):
+    with pytest.raises(TypeError, match="displacement: expected a floating dtype"):
         fold_percent(torch.zeros(1, 3, 4, 4, 4, dtype=torch.long))
+    nan = torch.zeros(1, 2, 4, 4)
+    nan[0, 0, 1, 1] = math.nan  # NaN compares False with 0: it would count as fold-free
+    with pytest.raises(ValueError, match="displacement: contains non-finite values"):
+        fold_percent(nan)
+    with pytest.raises(ValueError, match="displacement"):
+        jacobian_determinant(nan)
+
+
+def test_metrics_on_every_device_and_dtype(device, dtype):
+    """The public metrics keep the input's device; fold % and det J agree with the internal
+    operator they check and call."""
+    from nadmm_torch.ops.diff import jacobian_determinant as unchecked
+
+    g = torch.Generator().manual_seed(0)
+    d = (torch.randn(2, 2, 9, 7, generator=g, dtype=torch.float64) * 0.8).to(device, dtype)
+    det = jacobian_determinant(d)
+    assert det.device == d.device and det.dtype == dtype
+    assert torch.equal(det, unchecked(d))
+    expected = (unchecked(d) <= 0).flatten(1).to(dtype).mean(1) * 100
+    assert torch.equal(fold_percent(d), expected)
+    lab = torch.randint(0, 3, (2, 1, 9, 7), generator=g).to(device)
+    assert dice(lab, lab, (1, 2)).device == d.device

@@ -12,6 +12,8 @@ import torch
 import nadmm_torch as nt
 from nadmm_torch.data.sample import load_sample
 
+from .synthetic import smooth_field
+
 monai = pytest.importorskip("monai", reason="the optional extra 'monai' is not installed")
 from monai.networks.blocks import Warp  # noqa: E402
 
@@ -19,20 +21,11 @@ from monai.networks.blocks import Warp  # noqa: E402
 pytestmark = pytest.mark.filterwarnings("ignore:monai.networks.blocks.Warp")
 
 
-def _smooth_field(shape, amplitude, seed=0):
-    """A smooth random displacement ``(1, ndim, *shape)`` (coarse noise, upsampled)."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(1, len(shape), *[max(2, n // 8) for n in shape], generator=g)
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    d = torch.nn.functional.interpolate(coarse, size=shape, mode=mode, align_corners=False)
-    return amplitude * d / d.abs().amax()
-
-
 @pytest.mark.parametrize("ndim", [2, 3])
 def test_our_warp_equals_monai_warp(ndim):
     pair = load_sample()
     image = pair.moving if ndim == 3 else pair.moving[:, :, 4]
-    d = _smooth_field(tuple(image.shape[2:]), amplitude=3.0)
+    d = smooth_field(tuple(image.shape[2:]), amplitude=3.0)
     ours = nt.warp(image, d)
     theirs = Warp(mode="bilinear", padding_mode="border")(image, d)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

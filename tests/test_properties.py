@@ -17,8 +17,8 @@ from nadmm_torch.data.sample import load_sample
 from nadmm_torch.ops.diff import spatial_gradient
 from nadmm_torch.ops.warp import compose
 from nadmm_torch.ops.warp import warp as raw_warp
+from tests.synthetic import blobs, smooth_field
 from tests.test_reliability import forward_det
-from tests.test_solver import blobs, smooth_field
 
 FEW = settings(max_examples=20, deadline=None)
 # The solver properties have measured (not proven) tolerances: run a fixed set of examples so

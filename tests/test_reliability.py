@@ -428,7 +428,7 @@ def test_a_mirror_flip_is_refused():
 @pytest.mark.parametrize("kwargs", [{}, {"preset": "paper"}, {"levels": 1}, {"warps": 0},
                                     {"levels": 1, "warps": 0}])
 def test_a_noisy_initial_displacement_is_repaired_with_a_warning(kwargs):
-    from tests.test_solver import smooth_field
+    from tests.synthetic import smooth_field
 
     f = sample_slice(48)
     truth = smooth_field((48, 48), 2.0, seed=3)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import nadmm_torch as nt
-from tests.test_solver import blobs
+from tests.synthetic import blobs
 
 F64, M64 = blobs((24, 24), seed=1), blobs((24, 24), seed=2)
 F32, M32 = F64.float(), M64.float()

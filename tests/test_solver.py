@@ -12,26 +12,7 @@ from nadmm_torch.ops.solver import (
 )
 from nadmm_torch.ops.warp import warp_labels
 
-
-def smooth_field(shape, amplitude, seed=0, dtype=torch.float32, zero_axes=()):
-    """A smooth random displacement (B=1) with max |d| = amplitude (voxels)."""
-    gen = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(1, len(shape), *[4] * len(shape), generator=gen)
-    mode = "bilinear" if len(shape) == 2 else "trilinear"
-    d = torch.nn.functional.interpolate(coarse, size=shape, mode=mode, align_corners=True)
-    for a in zero_axes:
-        d[:, a] = 0
-    return (d * amplitude / d.abs().max()).to(dtype)
-
-
-def blobs(shape, seed=0, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(1, 1, *shape, generator=gen, dtype=dtype)
-    k = 5
-    pool = torch.nn.functional.avg_pool2d if len(shape) == 2 else torch.nn.functional.avg_pool3d
-    for _ in range(2):
-        x = pool(x, k, stride=1, padding=k // 2, count_include_pad=False)
-    return (x - x.min()) / (x.max() - x.min())
+from .synthetic import blobs, smooth_field
 
 
 def test_identical_images_give_zero_displacement():

@@ -1,4 +1,4 @@
-"""The ACDC ES→ED evaluation protocol (see ``shared/data/README.md`` of the project).
+"""The ACDC ES→ED evaluation protocol (``docs/protocols.md``).
 
 Data layout: a folder with ``pairs.csv`` (``patient, group, ed_frame, es_frame, spacing_z_mm,
 spacing_y_mm, spacing_x_mm, ed_file, es_file``) and the HDF5 volumes it names (datasets
@@ -17,7 +17,7 @@ Protocol, implemented by :func:`preprocess_pair` / :func:`load_pair`:
    resampled ED foreground (label > 0): output index ``k`` is input index ``c - 64 + k``.
    Result ``(Z, 128, 128)``, spacing ``(s_z, 1.5, 1.5)`` mm.
 4. :func:`evaluate_pair` scores a displacement (voxel units, pull-back, ``(1, 3, Z, 128, 128)``):
-   ES labels warped by argmax of the warped one-hot (:func:`nadmm_torch.ops.warp.warp_labels`),
+   ES labels warped by argmax of the warped one-hot (:func:`nadmm_torch.warp_labels`),
    Dice per structure (RV 1, Myo 2, LV 3) and their mean; slice-wise Hausdorff distance
    (mm, in-plane) per structure and pooled over all (structure, slice) pairs where both masks
    have the structure (the pair's ``hd``); % of voxels with ``det(I + ∇d) <= 0``.
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..api import warp_labels
+from ..checks import check_choice, check_spacing, check_tensor
 from ..metrics import dice, fold_percent, hausdorff_slices
-from ..ops.warp import warp_labels
 
 __all__ = [
     "TARGET_SPACING",
@@ -50,7 +51,7 @@ __all__ = [
     "LABELS",
     "STRUCTURES",
     "ACDCPair",
-    "read_pairs",
+    "read_acdc_pairs",
     "load_volume",
     "resample_inplane",
     "crop_or_pad",
@@ -60,6 +61,7 @@ __all__ = [
     "split",
     "evenly_spaced",
     "evaluate_pair",
+    "acdc_evaluator",
     "summarize",
 ]
 
@@ -107,11 +109,11 @@ class ACDCPair:
 def _data_dir(data_dir: str | Path) -> Path:
     d = Path(data_dir)
     if not (d / "pairs.csv").is_file():
-        raise ValueError(f"data_dir must be a folder holding pairs.csv, got {str(d)!r}")
+        raise ValueError(f"data_dir: expected a folder holding pairs.csv, got {str(d)!r}")
     return d
 
 
-def read_pairs(data_dir: str | Path) -> list[dict]:
+def read_acdc_pairs(data_dir: str | Path) -> list[dict]:
     """Rows of ``data_dir/pairs.csv`` as dicts, sorted by patient.
 
     Types: ``patient``, ``group``, ``ed_file``, ``es_file`` (paths relative to ``data_dir``)
@@ -140,7 +142,8 @@ def load_volume(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         label = np.asarray(f["label"][()], dtype=np.uint8)
     if image.shape != label.shape or image.ndim != 3:
         raise ValueError(
-            f"{path}: image {image.shape} and label {label.shape} must be equal (Z, Y, X) arrays"
+            f"{path}: expected image and label (Z, Y, X) arrays of one shape, got "
+            f"{image.shape} and {label.shape}"
         )
     return image, label
 
@@ -164,11 +167,9 @@ def resample_inplane(
     beyond the last input voxel are 0.
     """
     if volume.ndim != 3:
-        raise ValueError(f"volume must be (Z, Y, X), got shape {volume.shape}")
-    if order not in (0, 1):
-        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
-    if len(spacing_yx) != 2:
-        raise ValueError(f"spacing_yx must hold the 2 in-plane spacings, got {spacing_yx!r}")
+        raise ValueError(f"volume: expected a (Z, Y, X) array, got shape {volume.shape}")
+    check_choice(order, "order", (0, 1))  # 0 nearest, 1 linear
+    spacing_yx = check_spacing(spacing_yx, 2)
     out = volume
     for axis, sp in zip((1, 2), spacing_yx, strict=True):
         n = out.shape[axis]
@@ -231,7 +232,7 @@ def preprocess_pair(
 ) -> ACDCPair:
     """Protocol steps 1–3 on native ``(Z, Y, X)`` ED/ES arrays with spacing ``(s_z, s_y, s_x)``."""
     if len(spacing_zyx) != 3:
-        raise ValueError(f"spacing_zyx must hold 3 values, got {spacing_zyx!r}")
+        raise ValueError(f"spacing_zyx: expected 3 values, got {spacing_zyx!r}")
     sp_yx = (float(spacing_zyx[1]), float(spacing_zyx[2]))
     ed_i = resample_inplane(ed_image.astype(np.float32), sp_yx, order=1)
     es_i = resample_inplane(es_image.astype(np.float32), sp_yx, order=1)
@@ -271,7 +272,7 @@ def load_pair(data_dir: str | Path, patient: str | int) -> ACDCPair:
     """
     d = _data_dir(data_dir)
     pid = _patient_id(patient)
-    rows = [r for r in read_pairs(d) if r["patient"] == pid]
+    rows = [r for r in read_acdc_pairs(d) if r["patient"] == pid]
     if not rows:
         raise ValueError(f"patient {pid!r} is not in {d / 'pairs.csv'}")
     r = rows[0]
@@ -304,7 +305,7 @@ def split(
     (RV).
 
     Args:
-        patients: rows of :func:`read_pairs` (dicts with ``patient`` and ``group``) or a
+        patients: rows of :func:`read_acdc_pairs` (dicts with ``patient`` and ``group``) or a
             mapping ``patient -> group``.
         n_report_per_group: report patients per group (all of a group if it has fewer).
         seed: split seed (0 is the project's split).
@@ -319,11 +320,11 @@ def split(
             groups = {str(r["patient"]): str(r.get("group", "")) for r in patients}
         except (TypeError, KeyError) as e:
             raise ValueError(
-                "patients must be rows with 'patient' and 'group' keys or a mapping "
-                "patient -> group"
+                "patients: expected rows with 'patient' and 'group' keys or a mapping "
+                f"patient -> group, got {type(patients).__name__}"
             ) from e
     if n_report_per_group < 0:
-        raise ValueError(f"n_report_per_group must be >= 0, got {n_report_per_group}")
+        raise ValueError(f"n_report_per_group: expected >= 0, got {n_report_per_group}")
     report: list[str] = []
     for g in sorted(set(groups.values())):
         ids = sorted(p for p, gg in groups.items() if gg == g)
@@ -398,12 +399,12 @@ def evaluate_pair(pair: ACDCPair, displacement: Tensor | None) -> dict:
         folds = 0.0
     else:
         expected = (1, fixed_labels.dim() - 2, *fixed_labels.shape[2:])
-        if tuple(displacement.shape) != expected:
+        if tuple(check_tensor(displacement, "displacement").shape) != expected:
             raise ValueError(
-                f"displacement must have shape {expected}, got {tuple(displacement.shape)}"
+                f"displacement: expected shape {expected}, got {tuple(displacement.shape)}"
             )
         disp = displacement.detach().to(torch.float32)
-        warped = warp_labels(moving_labels.to(disp.device), disp, num_classes=max(LABELS) + 1)
+        warped = warp_labels(moving_labels.to(disp.device), disp)
         folds = float(fold_percent(disp)[0])
     warped = warped.to(fixed_labels.device)
     d = dice(warped, fixed_labels, LABELS)[0]
@@ -419,3 +420,21 @@ def evaluate_pair(pair: ACDCPair, displacement: Tensor | None) -> dict:
     rec["hd"] = float(pooled.mean()) if len(pooled) else math.nan
     rec["fold_percent"] = folds
     return rec
+
+
+def acdc_evaluator(item: Mapping, displacement: Tensor) -> dict:
+    """:func:`evaluate_pair` as an evaluator of
+    :class:`nadmm_torch.lightning.RegistrationLightningModule` (``evaluate=acdc_evaluator``).
+
+    ``item``: one pair of a collated batch (``fixed``, ``moving``, ``fixed_labels``,
+    ``moving_labels`` ``(1, 1, Z, 128, 128)``, ``spacing`` (array order, mm), ``pair_id``);
+    ``displacement``: ``(1, 3, Z, 128, 128)``.
+    """
+    missing = [k for k in ("fixed_labels", "moving_labels", "spacing") if item.get(k) is None]
+    if missing:
+        raise ValueError(f"item: the ACDC protocol needs {', '.join(missing)} in the batch")
+    pair = ACDCPair(
+        item["fixed"], item["moving"], item["fixed_labels"], item["moving_labels"],
+        tuple(item["spacing"]), str(item.get("pair_id", "")),
+    )  # fmt: skip
+    return evaluate_pair(pair, displacement)

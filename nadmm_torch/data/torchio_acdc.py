@@ -1,12 +1,12 @@
-"""TorchIO pipeline for registration pairs: ACDC ES→ED subjects, augmentation, collate.
+"""TorchIO pipeline for ACDC ES→ED pairs: subjects, data sets, augmentation.
 
-Each pair is a ``tio.Subject`` with ``fixed`` / ``moving`` (``tio.ScalarImage``),
-``fixed_labels`` / ``moving_labels`` (``tio.LabelMap``, optional for synthetic pairs) and the
-plain attributes ``pair_id`` (the patient for ACDC), ``group``. ACDC subjects are built with
+Each pair is a subject of :func:`nadmm_torch.data.pairs.pair_subject` (``pair_id`` is the
+patient, ``group`` the pathology group), batched by
+:func:`nadmm_torch.data.pairs.collate_pairs`. ACDC subjects are built with
 :func:`nadmm_torch.data.acdc.load_pair`, so the preprocessing is the protocol's exactly
 (1.5 mm in-plane, 128 × 128 crop), and converted with :func:`nadmm_torch.io.to_torchio` on a
 grid with the protocol spacing (identity direction, zero origin): TorchIO holds
-``(1, X, Y, Z)``, :func:`collate_pairs` gives back this package's ``(B, 1, Z, Y, X)``.
+``(1, X, Y, Z)``, the collated batch this package's ``(B, 1, Z, Y, X)``.
 
 Augmentation (:func:`pair_augmentation`), and why:
 
@@ -26,74 +26,24 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
 import torchio as tio
-from torch import Tensor
 
-from ..io import Geometry, from_torchio, to_torchio
-from .acdc import load_pair, read_pairs, split
+from .acdc import load_pair, read_acdc_pairs, split
+from .pairs import IMAGE_KEYS, pair_subject
 
 __all__ = [
-    "IMAGE_KEYS",
-    "LABEL_KEYS",
-    "pair_subject",
     "acdc_subject",
     "acdc_patients",
     "acdc_subjects_dataset",
     "pair_augmentation",
-    "collate_pairs",
 ]
-
-IMAGE_KEYS = ("fixed", "moving")
-LABEL_KEYS = ("fixed_labels", "moving_labels")
-
-
-def pair_subject(
-    fixed: Tensor,
-    moving: Tensor,
-    fixed_labels: Tensor | None = None,
-    moving_labels: Tensor | None = None,
-    spacing: Sequence[float] | None = None,
-    pair_id: str = "",
-    group: str = "",
-) -> tio.Subject:
-    """A registration pair as a ``tio.Subject`` (any data, e.g. synthetic 2D pairs).
-
-    Args:
-        fixed, moving: ``(1, 1, *S)`` images, ``S`` 2D ``(H, W)`` or 3D ``(Z, Y, X)``.
-        fixed_labels, moving_labels: ``(1, 1, *S)`` integer maps, both or neither.
-        spacing: ``len(S)`` spacings in array order (mm); default 1.
-        pair_id: identifier kept in the subject (and in :func:`collate_pairs`' output).
-        group: free text (ACDC: the pathology group).
-    """
-    if fixed.dim() not in (4, 5) or fixed.shape[:2] != (1, 1) or fixed.shape != moving.shape:
-        raise ValueError(
-            f"fixed/moving: expected two (1, 1, *S) images, got {tuple(fixed.shape)} and "
-            f"{tuple(moving.shape)}"
-        )
-    if (fixed_labels is None) != (moving_labels is None):
-        raise ValueError("fixed_labels/moving_labels: give both or neither")
-    geometry = Geometry.default(fixed.shape[2:], spacing)
-    images: dict = {
-        "fixed": to_torchio(fixed, geometry),
-        "moving": to_torchio(moving, geometry),
-    }
-    if fixed_labels is not None:
-        for key, lab in zip(LABEL_KEYS, (fixed_labels, moving_labels), strict=True):
-            if lab.shape != fixed.shape or lab.is_floating_point():
-                raise ValueError(
-                    f"{key}: expected an integer map of shape {tuple(fixed.shape)}, got "
-                    f"{lab.dtype} {tuple(lab.shape)}"
-                )
-            images[key] = to_torchio(lab, geometry, label=True)
-    return tio.Subject(**images, pair_id=str(pair_id), group=str(group))
 
 
 def acdc_subject(data_dir: str | Path, patient: str | int) -> tio.Subject:
     """One patient's ES→ED pair (protocol steps 1–3) as a ``tio.Subject``.
 
     Images ``(1, 128, 128, Z)`` in TorchIO's ``(C, X, Y, Z)``; spacing ``(1.5, 1.5, s_z)``
-    there, ``(s_z, 1.5, 1.5)`` in array order after :func:`collate_pairs`.
+    there, ``(s_z, 1.5, 1.5)`` in array order once collated.
     """
     p = load_pair(data_dir, patient)
     return pair_subject(
@@ -105,7 +55,7 @@ def acdc_patients(data_dir: str | Path, which: str | Sequence[str] = "tune") -> 
     """Patient ids: ``"tune"`` / ``"report"`` (the protocol split), ``"all"``, or a list."""
     if not isinstance(which, str):
         return [str(p) for p in which]
-    rows = read_pairs(data_dir)
+    rows = read_acdc_pairs(data_dir)
     if which == "all":
         return [r["patient"] for r in rows]
     tune, report = split(rows)
@@ -128,7 +78,7 @@ def acdc_subjects_dataset(
         patients: see :func:`acdc_patients`.
         transform: applied on every access, e.g. :func:`pair_augmentation` for training.
 
-    Use with ``torch.utils.data.DataLoader(..., collate_fn=collate_pairs)``.
+    Use with ``torch.utils.data.DataLoader(..., collate_fn=nadmm_torch.data.pairs.collate_pairs)``.
     """
     subjects = [acdc_subject(data_dir, p) for p in acdc_patients(data_dir, patients)]
     return tio.SubjectsDataset(subjects, transform=transform)
@@ -167,36 +117,3 @@ def pair_augmentation(
             tio.RandomNoise(std=(0, noise_std), include=list(IMAGE_KEYS)),
         ]
     return tio.Compose(ts)
-
-
-def collate_pairs(batch: Sequence[tio.Subject]) -> dict:
-    """Stack subjects of one grid into tensors in this package's array order.
-
-    Returns:
-        dict with ``fixed``, ``moving`` ``(B, 1, *S)`` float32; ``fixed_labels``,
-        ``moving_labels`` ``(B, 1, *S)`` int64 (if every subject has them); ``spacing``
-        ``(B, ndim)`` float64 (array order, mm); ``pair_id``, ``group``: lists of str.
-        2D subjects (TorchIO ``(1, W, H, 1)``) give ``S = (H, W)``.
-    """
-    if not batch:
-        raise ValueError("collate_pairs: empty batch")
-    out: dict = {}
-    spacing = []
-    keys = list(IMAGE_KEYS)
-    if all(all(k in s for k in LABEL_KEYS) for s in batch):
-        keys += list(LABEL_KEYS)
-    for key in keys:
-        tensors = []
-        for s in batch:
-            t, geo = from_torchio(s[key])
-            tensors.append(t)
-            if key == "fixed":
-                spacing.append(geo.array_spacing)
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) != 1:
-            raise ValueError(f"collate_pairs: {key} shapes differ in the batch: {sorted(shapes)}")
-        out[key] = torch.cat(tensors, dim=0)
-    out["spacing"] = torch.tensor(spacing, dtype=torch.float64)
-    out["pair_id"] = [str(s.get("pair_id", "")) for s in batch]
-    out["group"] = [str(s.get("group", "")) for s in batch]
-    return out
