@@ -1,4 +1,4 @@
-"""Numerical robustness (issue 8): extreme settings, intensity ranges, dtypes, memory layouts,
+"""Numerical robustness: extreme settings, intensity ranges, dtypes, memory layouts,
 finite gradients through the p = 1 thresholding, determinism; no folds anywhere.
 
 Images are small smooth random blobs (24 × 24, and 6 × 20 × 20 for 3D) so that each

@@ -1,4 +1,4 @@
-"""Every bad input gets a clear error naming the argument (issue 8, input validation).
+"""Every bad input gets a clear error naming the argument.
 
 The same bad inputs go through ``nt.register`` and ``nt.NADMMRegistration(...)(...)``; the
 warp and metric functions have their own tables. Each case is one distinct bad input; the
