@@ -326,8 +326,8 @@ class Settings:
 def _check_settings(settings: Settings) -> None:
     """Fail early (before any image is read) on an unknown preset or solver option."""
     try:
+        from .config import preset_config
         from .ops.solver import compile_mode
-        from .presets import preset_config
     except ImportError:  # pragma: no cover - the solver checks them later anyway
         return
     try:

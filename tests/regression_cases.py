@@ -11,6 +11,7 @@ commit) with ``python -m tests.regression_cases``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,31 @@ import nadmm_torch as nt
 from nadmm_torch.data.sample import load_sample
 
 REFERENCE = Path(__file__).parent / "data" / "regression_displacements.npz"
+
+
+@contextmanager
+def pre_refactor_rounding():
+    """λ and θ that are not learnable rounded as before the settings moved to
+    ``nadmm_torch.config``: through a float32 logarithm, ``exp(float32(log λ))`` in the
+    solve's dtype (now the configured value itself). With it, the refactored code must give
+    the reference displacements bit for bit: the rounding of λ, θ is the one intended change."""
+    original = nt.NADMMRegistration.hyperparameters
+
+    def rounded(self, dtype, device=None):
+        out = original(self, dtype, device)
+        for name, key in (("lam", "lambda"), ("theta", "theta")):
+            if key in self.learnable:
+                continue
+            logs = torch.tensor(self.config.per_level(name), dtype=torch.float64).log().float()
+            out[name] = [torch.full_like(v, float(lg.to(dtype).exp()))
+                         for v, lg in zip(out[name], logs)]
+        return out
+
+    nt.NADMMRegistration.hyperparameters = rounded
+    try:
+        yield
+    finally:
+        nt.NADMMRegistration.hyperparameters = original
 
 
 def _crops():
