@@ -6,7 +6,8 @@ Presets (ADMM iterations K and warps W per pyramid level, coarse → fine):
 * ``paper``: the paper's capped schedule, K = (10, 5, 5), W = (10, 10, 5).
 * ``fast``: K = 5, W = (7, 5, 0): the finest level has no warps, so the field is solved at half
   the in-plane resolution and upsampled (a smooth field loses little by it); about a fifth of
-  ``paper``'s time for a Dice a few thousandths lower on ACDC (README, Speed and Accuracy).
+  ``paper``'s time for a Dice a few thousandths lower on ACDC (README: Results on ACDC,
+  Speed).
 * ``accurate``: twice ``paper``'s iterations and up to twice its warps, a level stopping once
   its RMS step falls under 0.01 voxel. Longer settings cost much more for no measurable gain,
   so they are not a preset.
