@@ -53,9 +53,9 @@ import torch
 import torch.nn.functional as F
 
 import nadmm_torch as nt
+from nadmm_torch.config import preset_config
 from nadmm_torch.ops.fourier import forward_transform, inverse_transform
 from nadmm_torch.ops.solver import pyramid_factors
-from nadmm_torch.presets import preset_config
 
 # Field-sized (B, ndim, *S) float tensors read or written, counted from ops/admm.py and
 # ops/solver.py: per ADMM iteration (w, v-step with g/c/s, rhs, u-step in/out, b, residual,

@@ -28,7 +28,7 @@ Configurations with any folded voxel are not eligible. Pairs: ``--subset`` tunin
 spread evenly over the sorted tuning IDs (the report split is never touched). The record is
 written after every configuration (processes may share it, e.g. one per data term);
 ``--resume`` skips those already in it. ``best`` holds the
-selected (λ, θ) per ``preset-data_term-o{order}``; ``nadmm_torch/presets.py`` copies them.
+selected (λ, θ) per ``preset-data_term-o{order}``; ``nadmm_torch/config.py`` copies them.
 """
 
 from __future__ import annotations

@@ -2,13 +2,14 @@
 
 Public API::
 
-    register(fixed, moving, *, spacing=None, preset="fast", data_term="l2", order=2,
-             compile=False, **overrides)
+    register(fixed, moving, *, spacing=None, preset="fast", data_term=None, order=None,
+             compile=False, **overrides)  (preset: a name, a settings file or a SolverConfig)
     warp(image, displacement, mode="bilinear" | "nearest")
     affine(fixed, moving, *, spacing=None, similarity="ncc" | "mi", ...) -> A (B, ndim, ndim+1)
     affine_to_displacement(A, shape)
     warp_labels(labels, displacement)  (integer label maps, argmax of the warped one-hot)
-    NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
+    NADMMRegistration(preset="fast", *, data_term=None, order=None, learnable=None, ...)
+    SolverConfig.from_preset(preset="fast", data_term=None, order=None, **overrides)
     tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
     losses.MSELoss / NCCLoss / DiceLoss / SmoothnessLoss / JacobianFoldLoss
@@ -21,10 +22,10 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 
 from . import losses, metrics
 from .api import affine, affine_to_displacement, register, warp, warp_labels
+from .config import PRESETS, SolverConfig, preset_config
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
-from .ops.solver import Diagnostics, SolverConfig
-from .presets import PRESETS, preset_config
+from .ops.solver import Diagnostics
 from .tuning import TunePair, load_settings, tune
 
 __version__ = "0.1.0"

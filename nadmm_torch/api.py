@@ -1,7 +1,13 @@
-"""One-call functions: ``register``, ``warp`` and ``warp_labels`` (validated; for tensors)."""
+"""One-call functions: ``register``, ``affine``, ``warp`` and ``warp_labels`` (validated).
+
+``register`` also takes TorchIO images or a ``tio.Subject`` (unpacked here by
+:func:`nadmm_torch.io.unpack_torchio_pair`, imported only then): the core below it
+(:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``) sees tensors only.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -19,6 +25,7 @@ from .checks import (
     check_spacing,
     check_tensor,
 )
+from .config import SolverConfig
 from .module import NADMMRegistration, prepare_pair
 from .ops import affine as _affine
 from .ops import warp as _warp
@@ -29,9 +36,9 @@ def register(
     moving: Tensor | None = None,
     *,
     spacing=None,
-    preset: str = "fast",
-    data_term: str = "l2",
-    order: int = 2,
+    preset: str | os.PathLike | SolverConfig = "fast",
+    data_term: str | None = None,
+    order: int | None = None,
     initial_displacement: Tensor | None = None,
     affine: bool | Mapping = False,
     return_diagnostics: bool = False,
@@ -43,6 +50,10 @@ def register(
     ``fixed``/``moving``: ``(B, 1, *S)`` floating tensors on one device (2D or 3D), or TorchIO
     images / a ``tio.Subject`` with ``"fixed"`` and ``"moving"`` (spacing read from them).
     ``spacing``: ``ndim`` spacings in mm in the order of ``S`` (default 1).
+    ``preset``: ``"fast"``, ``"paper"``, ``"accurate"``, the path of a settings file (from
+    :meth:`nadmm_torch.tuning.TuneResult.save`; explicit settings win over its values) or a
+    ready :class:`~nadmm_torch.config.SolverConfig`. ``data_term``: ``"l2"`` (default) or
+    ``"l1"``; ``order``: regulariser order (default 2).
     ``affine``: ``True`` (or a dict of :func:`affine` settings, e.g. ``{"similarity": "mi"}``)
     aligns the pair affinely first and starts the deformable solver from that affine's
     displacement; the result is one displacement that includes it. Not with
@@ -57,10 +68,9 @@ def register(
     voxels (a mirror flip). A batch element with a constant fixed or moving image is not
     registered: it gets the initial displacement (or zero), with a warning naming it.
     """
+    fixed, moving, spacing = _tensors(fixed, moving, spacing)
     if affine is not False:
-        fixed, moving, spacing, initial_displacement = _affine_start(
-            fixed, moving, spacing, affine, initial_displacement
-        )
+        initial_displacement = _affine_start(fixed, moving, spacing, affine, initial_displacement)
     model = NADMMRegistration(
         preset, data_term=data_term, order=order, compile=compile, **overrides
     )
@@ -78,23 +88,30 @@ def register(
         )
 
 
-def _affine_start(fixed, moving, spacing, affine_opts, initial_displacement):
-    """``register(affine=...)``: the pair as tensors, and the affine's displacement to start at."""
+def _tensors(fixed, moving, spacing):
+    """TorchIO images / a ``tio.Subject`` as tensors and spacing (read from the fixed image
+    unless given); tensors pass unchanged."""
+    if isinstance(fixed, Tensor) and isinstance(moving, Tensor):
+        return fixed, moving, spacing
+    from .io import unpack_torchio_pair  # TorchIO (and SimpleITK) only when asked for
+
+    fixed, moving, spacing, _ = unpack_torchio_pair(fixed, moving, spacing)
+    return fixed, moving, spacing
+
+
+def _affine_start(fixed, moving, spacing, affine_opts, initial_displacement) -> Tensor:
+    """``register(affine=...)``: the displacement of the pair's affine alignment."""
     if not (affine_opts is True or isinstance(affine_opts, Mapping)):
         raise TypeError(
             f"affine: expected True, False or a dict of affine settings, got {affine_opts!r}"
         )
     if initial_displacement is not None:
         raise ValueError("affine: give either affine=... or initial_displacement, not both")
-    if not (isinstance(fixed, Tensor) and isinstance(moving, Tensor)):
-        from .io import unpack_torchio_pair  # TorchIO images / subject: spacing from them
-
-        fixed, moving, spacing, _ = unpack_torchio_pair(fixed, moving, spacing)
     opts = {} if affine_opts is True else dict(affine_opts)
     if "spacing" in opts:
         raise ValueError("affine: pass spacing to register itself, not in the affine settings")
     A = affine(fixed, moving, spacing=spacing, **opts)
-    return fixed, moving, spacing, _affine.affine_to_displacement(A, fixed.shape[2:])
+    return _affine.affine_to_displacement(A, fixed.shape[2:])
 
 
 def affine(

@@ -1,4 +1,8 @@
-"""Input validation in one place: every public entry point checks its arguments here.
+"""Input validation: pure checks of tensors and plain values, each naming the argument.
+
+This module imports nothing of the package (solver options are validated by
+:meth:`nadmm_torch.config.SolverConfig.from_preset`, built on the checks here). TypeError for a
+wrong type, ValueError for a wrong value; messages read "name: expected …, got …".
 
 Each error names the argument and says what was expected. Checks that need the values (finite)
 cost one reduction and one host synchronisation per image; they run once per
@@ -27,7 +31,6 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.float64)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Smallest spatial axis the registration accepts (besides a single slice); see module docstring.
 MIN_AXIS = 4
@@ -60,13 +63,6 @@ def check_image_layout(x: object, name: str, ndim: int | None = None) -> Tensor:
             f"{name}: expected a floating dtype (float32/float64), got {x.dtype}; "
             "convert with .float()"
         )
-    return x
-
-
-def check_image(x: object, name: str, ndim: int | None = None) -> Tensor:
-    """``(B, C, *S)`` with ``len(S)`` in {2, 3} (or ``ndim``), non-empty, floating, finite."""
-    x = check_image_layout(x, name, ndim)
-    check_finite(x, name)
     return x
 
 
@@ -127,18 +123,17 @@ def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     return fixed, moving
 
 
-def _is_real(v: object) -> bool:
+def is_real(v: object) -> bool:
     """A real number (Python or NumPy) that is not a bool (True would silently mean 1)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-# Bounds that keep the solver's float32 arithmetic finite (λ h^-2n, 1/θ, h² Λ_n): beyond
-# them a field silently comes back zero or an overflow error is raised from deep inside.
+# Spacings that keep the solver's float32 arithmetic finite (h^-2n, h² Λ_n): beyond them a
+# field silently comes back zero or an overflow error is raised from deep inside.
 SPACING_BOUNDS = (1e-6, 1e6)  # mm
-WEIGHT_BOUNDS = (1e-12, 1e12)  # λ and θ
 
 
-def _as_python(value: object) -> object:
+def as_python(value: object) -> object:
     """Tensors, NumPy arrays and NumPy scalars as Python numbers (0-d) or flat lists; any
     other value as it is."""
     if isinstance(value, Tensor):
@@ -153,17 +148,17 @@ def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
     within :data:`SPACING_BOUNDS`. A number, a sequence, a tensor or a NumPy array."""
     if spacing is None:
         return None
-    spacing = _as_python(spacing)
+    spacing = as_python(spacing)
     if isinstance(spacing, Sequence) and not isinstance(spacing, (str, bytes)):
         # One-element tensors (e.g. from a header) count as numbers.
         spacing = [h.item() if isinstance(h, Tensor) and h.numel() == 1 else h for h in spacing]
-    if _is_real(spacing):
+    if is_real(spacing):
         spacing = (float(spacing),) * ndim
     if (
         isinstance(spacing, (str, bytes))
         or not isinstance(spacing, Sequence)
         or len(spacing) != ndim
-        or not all(_is_real(h) for h in spacing)
+        or not all(is_real(h) for h in spacing)
     ):
         raise ValueError(
             f"spacing: expected {ndim} numbers (one per spatial axis), got {spacing!r}"
@@ -204,9 +199,12 @@ def check_displacement(d: object, name: str, like: Tensor | None = None) -> Tens
 
 
 def check_choice(value: object, name: str, choices: Sequence[object]) -> None:
-    # Compare by equality only: an unhashable value (a list) must get this message too.
-    if not any(isinstance(value, type(c)) and value == c for c in choices):
-        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+    """``value`` is one of ``choices``: TypeError if it is of none of their types, else
+    ValueError. Compared by equality only, so an unhashable value gets the message too."""
+    if any(isinstance(value, type(c)) and value == c for c in choices):
+        return
+    error = ValueError if any(isinstance(value, type(c)) for c in choices) else TypeError
+    raise error(f"{name}: expected one of {list(choices)}, got {value!r}")
 
 
 def check_pyramid_size(shape: Sequence[int], min_size: int = MIN_AXIS) -> None:
@@ -219,128 +217,53 @@ def check_pyramid_size(shape: Sequence[int], min_size: int = MIN_AXIS) -> None:
         )
 
 
-# -- solver options ---------------------------------------------------------------------------
-
-POSITIVE_PER_LEVEL = "a positive finite number, or one per level"
-BOOL_OPTIONS = ("accelerated", "restart", "safeguard", "anisotropic_pyramid")
-NORMALIZE_CHOICES = ("percentile", "minmax", "none", True, False)
-
+# -- plain values -----------------------------------------------------------------------------
 
 def check_bool(value: object, name: str) -> bool:
     """``True`` or ``False`` (NumPy's too); a truthy string such as ``'no'`` must not pass."""
     numpy_bool = type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
     if isinstance(value, bool) or numpy_bool:
         return bool(value)
-    raise ValueError(f"{name}: expected True or False, got {value!r}")
+    raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _check_int(value: object, name: str, minimum: int) -> int:
-    if not _is_int(value) or value < minimum:
+def check_int(value: object, name: str, minimum: int) -> int:
+    """An integer (Python or NumPy, not a bool) ``>= minimum``."""
+    if not is_int(value):
+        raise TypeError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
-def _check_positive(value: object, name: str, what: str = "a positive finite number") -> float:
-    if not _is_real(value) or not (0 < float(value) < math.inf):
+def check_real(value: object, name: str, what: str, ok) -> float:
+    """A real number (Python or NumPy, not a bool) for which ``ok(float(value))`` holds;
+    ``what`` describes the accepted values in the message."""
+    if not is_real(value):
+        raise TypeError(f"{name}: expected {what}, got {value!r}")
+    if not ok(float(value)):
         raise ValueError(f"{name}: expected {what}, got {value!r}")
     return float(value)
 
 
-def _check_weight(value: object, name: str) -> float:
-    """λ or θ: positive, finite and within :data:`WEIGHT_BOUNDS`."""
-    v = _check_positive(value, name, POSITIVE_PER_LEVEL)
-    lo, hi = WEIGHT_BOUNDS
-    if not lo <= v <= hi:
-        raise ValueError(
-            f"{name}: expected values in [{lo:g}, {hi:g}] (beyond them the solver's float32 "
-            f"arithmetic overflows or underflows), got {value!r}"
-        )
-    return v
+def check_positive(value: object, name: str, what: str = "a positive finite number") -> float:
+    return check_real(value, name, what, lambda v: 0 < v < math.inf)
 
 
-def _per_level(value: object, name: str, check):
+def check_per_level(value: object, name: str, check):
     """A scalar, or a sequence (one per level), each passing ``check``; returns the same kind.
     NumPy arrays and scalars count as sequences and numbers."""
     if not isinstance(value, Tensor):  # a tensor λ is refused by ``check`` (not a number)
-        value = _as_python(value)
+        value = as_python(value)
     if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         if len(value) == 0:
             raise ValueError(f"{name}: expected a value or one value per level, got {value!r}")
         return tuple(check(v) for v in value)
     return check(value)
-
-
-def check_options(
-    preset: object, data_term: object, order: object, options: Mapping
-) -> dict[str, object]:
-    """The settings of ``register`` / ``NADMMRegistration``, before the config is built.
-
-    ``None`` for an option means "the preset's value". Types are checked here so that a wrong
-    one gets a message naming the option instead of an error from deep inside the config.
-    Returns ``options`` with NumPy scalars made Python numbers (a λ from a NumPy grid works).
-    """
-    from .ops.fourier import BOUNDARIES  # local: checks must not import the solver at load
-    from .presets import CONFIG_FIELDS, PRESETS
-
-    check_choice(preset, "preset", sorted(PRESETS))
-    check_choice(data_term, "data_term", ("l2", "l1"))
-    _check_int(order, "order", 1)
-    unknown = sorted(set(options) - set(CONFIG_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown}; valid options: {', '.join(CONFIG_FIELDS)}")
-    out = dict(options)
-    opts = {k: v for k, v in options.items() if v is not None}
-    for name in ("lam", "theta"):
-        if name in opts:
-            out[name] = _per_level(opts[name], name, lambda v, n=name: _check_weight(v, n))
-    for name in ("levels", "min_level_size"):
-        if name in opts:
-            out[name] = _check_int(opts[name], name, 1)
-    for name, least in (("iterations", 1), ("warps", 0)):
-        if name in opts:
-            out[name] = _per_level(
-                opts[name], name, lambda v, n=name, lo=least: _check_int(v, f"{n} (per level)", lo)
-            )
-    for name in ("tol_admm", "tol_warp"):
-        if name in opts:
-            v = opts[name]
-            if not _is_real(v) or not 0 <= float(v) < math.inf:
-                raise ValueError(f"{name}: expected None or a finite number >= 0, got {v!r}")
-            out[name] = float(v)
-    if "min_jacobian" in opts:
-        v = opts["min_jacobian"]
-        # det J of the identity is 1: a threshold >= 1 would refuse every step.
-        if not _is_real(v) or not -math.inf < float(v) < 1:
-            raise ValueError(f"min_jacobian: expected a finite number < 1, got {v!r}")
-        out["min_jacobian"] = float(v)
-    if "restart_eta" in opts:
-        v = opts["restart_eta"]
-        if not _is_real(v) or not 0 < float(v) <= 1:
-            raise ValueError(f"restart_eta: expected a number in (0, 1], got {v!r}")
-        out["restart_eta"] = float(v)
-    for name in BOOL_OPTIONS:
-        if name in opts:
-            out[name] = check_bool(opts[name], name)
-    if "lam_scaling" in opts:
-        check_choice(opts["lam_scaling"], "lam_scaling", ("gradient", "none"))
-    if "normalize" in opts:
-        check_choice(opts["normalize"], "normalize", NORMALIZE_CHOICES)
-    if "boundary" in opts:
-        check_choice(opts["boundary"], "boundary", BOUNDARIES)
-    if "frozen_axes" in opts:
-        v = opts["frozen_axes"]
-        ok = v == "thick" if isinstance(v, str) else (
-            isinstance(v, Iterable) and all(_is_int(a) for a in v)
-        )
-        if not ok:
-            raise ValueError(
-                f"frozen_axes: expected a tuple of axis indices or 'thick', got {v!r}"
-            )
-    return out
 
 
 def check_learnable(learnable: object, names: Sequence[str]) -> frozenset[str]:
@@ -391,18 +314,18 @@ def check_affine_options(
 ) -> tuple[int, tuple[int, ...], float]:
     """The settings of ``affine``: returns ``(levels, iterations per level, max_step)``."""
     check_choice(similarity, "similarity", tuple(similarities))
-    levels = _check_int(levels, "levels", 1)
+    levels = check_int(levels, "levels", 1)
     if iterations is None:
         its = ((50,) * max(levels - 2, 0) + (30, 20))[-levels:]
     elif isinstance(iterations, Sequence) and not isinstance(iterations, (str, bytes)):
-        its = tuple(_check_int(v, "iterations (per level)", 0) for v in iterations)
+        its = tuple(check_int(v, "iterations (per level)", 0) for v in iterations)
         if len(its) != levels:
             raise ValueError(
                 f"iterations: expected one value or {levels} (one per level), got {len(its)}"
             )
     else:
-        its = (_check_int(iterations, "iterations", 0),) * levels
-    max_step = _check_positive(max_step, "max_step")
+        its = (check_int(iterations, "iterations", 0),) * levels
+    max_step = check_positive(max_step, "max_step")
     check_choice(init, "init", ("com", "identity"))
     return levels, its, max_step
 
@@ -482,11 +405,11 @@ def check_same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
 
 def check_int_list(values: object, name: str) -> tuple[int, ...]:
     """A non-empty sequence of integers (NumPy's too), e.g. label values."""
-    values = _as_python(values)
+    values = as_python(values)
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise TypeError(f"{name}: expected a sequence of integers, got {values!r}")
     out = list(values)
-    if not all(_is_int(v) for v in out):
+    if not all(is_int(v) for v in out):
         raise TypeError(f"{name}: expected a sequence of integers, got {values!r}")
     if not out:
         raise ValueError(f"{name}: expected at least one value, got {values!r}")

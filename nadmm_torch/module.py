@@ -1,17 +1,18 @@
 """``NADMMRegistration``: the solver as an ``nn.Module``, optionally with learnable settings.
 
-Hyperparameters live in unconstrained form: ``λ = exp(log_lam)``, ``θ = exp(log_theta)``,
-momentum ``a_k = sigmoid(momentum_logit)``, step scale ``exp(log_step)``. So positivity and
-``0 < a_k < 1`` hold by construction, whatever the optimiser does. What is not learnable is
-kept as a buffer (it moves with ``.to()`` and is saved in the state dict). The settings that
-give these tensors their meaning (data term, order, levels, iterations, ...) are saved in the
-state dict too, and loading it into a module with other settings is refused.
+The module's settings are a :class:`~nadmm_torch.config.SolverConfig`, built (and validated)
+once and read-only. What is learnable is an ``nn.Parameter`` in unconstrained form:
+``λ = exp(log_lam)``, ``θ = exp(log_theta)``, momentum ``a_k = sigmoid(momentum_logit)``, step
+scale ``exp(log_step)``, so positivity and ``0 < a_k < 1`` hold whatever the optimiser does.
+What is not learnable is read from the config at forward time, in the input's dtype. The
+settings that give the parameters their meaning (data term, order, levels, iterations, ...) are
+saved in the state dict, and loading it into a module with other settings is refused.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -22,33 +23,19 @@ from .checks import (
     check_displacement,
     check_learnable,
     check_module_device,
-    check_options,
     check_pair,
     check_pyramid_size,
     check_spacing,
 )
-from .ops.solver import Diagnostics, SolverConfig, compile_mode, solve
-from .presets import CONFIG_FIELDS, preset_config
+from .config import FIELDS, SolverConfig
+from .ops.admm import nesterov_weights
+from .ops.solver import Diagnostics, compile_mode, solve
 
 LEARNABLE_NAMES = ("lambda", "theta", "momentum", "step")
-# Stored tensor -> learnable name; ``log_*`` are exponentiated (so must stay within exp's range).
+# Parameter -> learnable name; ``log_*`` are exponentiated (so must stay within exp's range).
 HYPERPARAMETERS = {
     "log_lam": "lambda", "log_theta": "theta", "momentum_logit": "momentum", "log_step": "step"
 }
-
-
-def _parse_learnable(learnable: bool | str | Iterable[str] | None) -> frozenset[str]:
-    return check_learnable(learnable, LEARNABLE_NAMES)
-
-
-def nesterov_momentum(iterations: int) -> list[float]:
-    """The Nesterov weights ``a_k = (t_{k−1} − 1) / t_k``, ``t_0 = 1``, for k = 1 … K."""
-    t, out = 1.0, []
-    for _ in range(iterations):
-        t_new = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
-        out.append((t - 1.0) / t_new)
-        t = t_new
-    return out
 
 
 def prepare_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
@@ -59,22 +46,44 @@ def prepare_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
     return fixed, moving
 
 
+def initial_values(config: SolverConfig, schedule: str) -> dict[str, Tensor]:
+    """The unconstrained hyperparameters (float32) that reproduce ``config``: ``(levels, K)``
+    for ``schedule="iteration"`` λ, θ, else ``(levels, 1)``; momentum ``(levels, K)``, step
+    ``(levels, W)`` (``K``, ``W``: the most iterations and warps of a level)."""
+    k_max, w_max = max(config.iterations), max(config.warps)
+    cols = k_max if schedule == "iteration" else 1
+    lam = torch.tensor(config.per_level("lam"), dtype=torch.float64).log()
+    theta = torch.tensor(config.per_level("theta"), dtype=torch.float64).log()
+    a = torch.tensor(nesterov_weights(k_max), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
+    values = {
+        "log_lam": lam.unsqueeze(1).repeat(1, cols),
+        "log_theta": theta.unsqueeze(1).repeat(1, cols),
+        "momentum_logit": torch.logit(a).repeat(config.levels, 1),
+        "log_step": torch.zeros(config.levels, w_max, dtype=torch.float64),
+    }
+    return {name: v.float() for name, v in values.items()}
+
+
 def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
     """Load-state-dict pre-hook: refuse a state dict saved from a module with other settings
     (an order-1 module's λ would otherwise load silently into an order-3 one), before any
-    tensor is copied, naming the fields that differ.
+    tensor is copied, naming the fields that differ; then drop the entries of hyperparameters
+    that this module reads from its config (see :func:`_drop_fixed_values`).
 
-    λ and θ are not compared: the state dict carries them (``log_lam``/``log_theta``), the
-    module's ``config`` only gave their initial values. A state dict without the entry (saved
-    before settings were stored) loads as before, unchecked, also with ``strict=True``.
+    λ and θ are not compared: learnable, the state dict carries them; not learnable, the
+    module's config holds them. A state dict without the settings record (saved before
+    settings were stored) loads unchecked, also with ``strict=True``.
     """
     key = prefix + "_extra_state"
     saved = state_dict.get(key)
     if saved is None:
         state_dict[key] = None  # strict loading would report the entry as missing
-        return
-    mine = module._settings()
-    theirs = _decode_settings(saved)
+    else:
+        _compare_settings(module._settings(), _decode_settings(saved))
+    _drop_fixed_values(module, state_dict, prefix)
+
+
+def _compare_settings(mine: dict, theirs: dict) -> None:
     diffs = [
         f"{name}: saved {theirs.get(name, '(absent)')!r}, this module {value!r}"
         for name, value in mine.items()
@@ -85,6 +94,28 @@ def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
             f"state_dict: saved from a NADMMRegistration with other settings ({'; '.join(diffs)}); "
             "build the module with the saved settings before loading"
         )
+
+
+def _drop_fixed_values(module, state_dict, prefix: str) -> None:
+    """Remove the entries (``log_lam`` ...) of hyperparameters this module does not learn:
+    state dicts of earlier versions stored them as buffers holding the config's values. An
+    entry that holds other values (learned ones) is refused, not dropped: it would be lost."""
+    expected = None
+    for name, key in HYPERPARAMETERS.items():
+        saved = state_dict.get(prefix + name)
+        if key in module.learnable or saved is None:
+            continue
+        if expected is None:
+            expected = initial_values(module.config, module.schedule)
+        ok = (isinstance(saved, Tensor) and saved.shape == expected[name].shape
+              and torch.allclose(saved.detach().cpu().float(), expected[name]))
+        if not ok:
+            raise ValueError(
+                f"state_dict: {prefix + name} holds values other than this module's settings "
+                f"give, and {key!r} is not learnable here; build the module with "
+                f"learnable including {key!r} to load them"
+            )
+        del state_dict[prefix + name]
 
 
 def _decode_settings(saved) -> dict:
@@ -108,9 +139,11 @@ class NADMMRegistration(nn.Module):
     """Diffeomorphic registration by Nesterov-accelerated ADMM, unrolled and differentiable.
 
     Args:
-        preset: ``"fast"``, ``"paper"`` or ``"accurate"`` (see :mod:`nadmm_torch.presets`).
-        data_term: ``"l2"`` or ``"l1"``.
-        order: regulariser order ``n ≥ 1``.
+        preset: ``"fast"``, ``"paper"`` or ``"accurate"`` (see :mod:`nadmm_torch.config`), the
+            path of a settings file (from :meth:`nadmm_torch.tuning.TuneResult.save`), or a
+            ready :class:`~nadmm_torch.config.SolverConfig` (then no other setting is given).
+        data_term: ``"l2"`` (default, or the settings file's) or ``"l1"``.
+        order: regulariser order ``n ≥ 1`` (default 2, or the settings file's).
         learnable: ``None``/``False`` (classical solver), ``True``/``"all"``, or a subset of
             ``{"lambda", "theta", "momentum", "step"}``.
         schedule: ``"level"`` (one λ, θ per pyramid level) or ``"iteration"`` (one per ADMM
@@ -120,32 +153,29 @@ class NADMMRegistration(nn.Module):
             or a mode (``"reduce-overhead"``: CUDA graphs on a GPU). Worth it for many calls
             at one shape (training on fixed-size crops, a cohort); the first call per shape
             compiles for tens of seconds.
-        **overrides: any :class:`~nadmm_torch.ops.solver.SolverConfig` field, e.g. ``lam``,
+        **overrides: any :class:`~nadmm_torch.config.SolverConfig` field, e.g. ``lam``,
             ``theta``, ``iterations``, ``warps``, ``levels``, ``tol_admm``, ``tol_warp``,
             ``restart``, ``safeguard``, ``boundary``, ``accelerated``.
 
     Shapes:
         ``forward(fixed (B, 1, *S), moving (B, 1, *S), spacing=None, initial_displacement=None)``
         → displacement ``(B, ndim, *S)`` in voxel units (pull-back: ``moving(x + d(x))``
-        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``. ``fixed``/``moving`` may also be
-        ``tio.ScalarImage`` objects, or ``fixed`` a ``tio.Subject`` with images ``"fixed"`` and
-        ``"moving"`` (then ``moving=None``): spacing is then read from the fixed image and
-        ``S`` is the array order ``(Z, Y, X)`` (see :func:`nadmm_torch.io.unpack_torchio_pair`;
-        :func:`nadmm_torch.io.to_torchio` turns results back into TorchIO images).
+        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``. Tensors only: TorchIO images go
+        through :func:`nadmm_torch.register` (or :func:`nadmm_torch.io.unpack_torchio_pair`).
 
     Policies (see :func:`nadmm_torch.ops.solver.solve`): the returned field is fold-free; a
     folding initial displacement is repaired with a warning, or refused above 50 % folded; a
     batch element with a constant image gets the initial displacement (or zero) with a
-    warning; a non-finite hyperparameter raises, naming it. The state dict carries the
+    warning; a non-finite learnable parameter raises, naming it. The state dict carries the
     settings, and loading it into a module with other settings raises.
     """
 
     def __init__(
         self,
-        preset: str = "fast",
+        preset: str | os.PathLike | SolverConfig = "fast",
         *,
-        data_term: str = "l2",
-        order: int = 2,
+        data_term: str | None = None,
+        order: int | None = None,
         learnable: bool | str | Iterable[str] | None = None,
         schedule: str = "level",
         checkpoint: bool = False,
@@ -156,24 +186,28 @@ class NADMMRegistration(nn.Module):
         compile_mode(compile)  # a bad value fails here, not at the first forward
         if schedule not in ("level", "iteration"):
             raise ValueError(f"schedule: expected 'level' or 'iteration', got {schedule!r}")
-        overrides = check_options(preset, data_term, order, overrides)
-        self.config: SolverConfig = preset_config(preset, data_term, order, **overrides)
-        self.learnable = _parse_learnable(learnable)
+        self._config = SolverConfig.from_preset(preset, data_term, order, **overrides)
+        self.learnable = check_learnable(learnable, LEARNABLE_NAMES)
         self.schedule = schedule
         self.checkpoint = check_bool(checkpoint, "checkpoint")
         self.compile = compile
-        cfg = self.config
-        k_max, w_max = max(cfg.iterations), max(cfg.warps)
-        per_iter = schedule == "iteration"
-        lam = torch.tensor(cfg.per_level("lam"), dtype=torch.float64).log()
-        theta = torch.tensor(cfg.per_level("theta"), dtype=torch.float64).log()
-        cols = k_max if per_iter else 1
-        self._store("log_lam", lam.unsqueeze(1).repeat(1, cols), "lambda")
-        self._store("log_theta", theta.unsqueeze(1).repeat(1, cols), "theta")
-        a = torch.tensor(nesterov_momentum(k_max), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
-        self._store("momentum_logit", torch.logit(a).repeat(cfg.levels, 1), "momentum")
-        self._store("log_step", torch.zeros(cfg.levels, w_max, dtype=torch.float64), "step")
+        values = initial_values(self._config, schedule)
+        for name, key in HYPERPARAMETERS.items():
+            if key in self.learnable:
+                self.register_parameter(name, nn.Parameter(values[name]))
         self.register_load_state_dict_pre_hook(_check_saved_settings)
+
+    @property
+    def config(self) -> SolverConfig:
+        """The settings (read-only: the parameters were built from them)."""
+        return self._config
+
+    @config.setter
+    def config(self, _value) -> None:
+        raise AttributeError(
+            "config: read-only (the module's parameters were built from it); build a new "
+            "NADMMRegistration(SolverConfig.from_preset(...)) instead"
+        )
 
     # -- the settings travel with the state dict -------------------------------------------
     def get_extra_state(self) -> Tensor:
@@ -190,24 +224,20 @@ class NADMMRegistration(nn.Module):
         """Nothing to restore: the settings were checked before any tensor was loaded."""
 
     def _settings(self) -> dict:
-        c = self.config
-        out = {name: getattr(c, name) for name in CONFIG_FIELDS if name not in ("lam", "theta")}
+        c = self._config
+        out = {name: getattr(c, name) for name in FIELDS if name not in ("lam", "theta")}
         out["schedule"] = self.schedule
         return out
 
-    def _store(self, name: str, value: Tensor, key: str) -> None:
-        value = value.float()
-        if key in self.learnable:
-            self.register_parameter(name, nn.Parameter(value))
-        else:
-            self.register_buffer(name, value)
-
     def check_hyperparameters(self) -> None:
-        """Raise if a stored hyperparameter (learnable or not) is NaN or ±inf, or its
-        exponential over- or underflows: after an optimiser blow-up the solver would
-        otherwise return ``d ≡ 0`` or NaN without a word. One host synchronisation."""
+        """Raise if a learnable parameter is NaN or ±inf, or its exponential over- or
+        underflows: after an optimiser blow-up the solver would otherwise return ``d ≡ 0``
+        or NaN without a word. One host synchronisation."""
+        learned = [(n, k) for n, k in HYPERPARAMETERS.items() if k in self.learnable]
+        if not learned:
+            return
         bad = []
-        for attr in HYPERPARAMETERS:
+        for attr, _ in learned:
             t = getattr(self, attr).detach()
             ok = torch.isfinite(t)
             if attr.startswith("log_"):
@@ -216,35 +246,45 @@ class NADMMRegistration(nn.Module):
             bad.append(~ok.all())
         if not bool(torch.stack(bad).any()):
             return
-        for (attr, key), b in zip(HYPERPARAMETERS.items(), bad):
+        for (attr, key), b in zip(learned, bad):
             if bool(b):
                 t = getattr(self, attr).detach()
-                kind = "learnable parameter" if key in self.learnable else "buffer"
                 raise ValueError(
-                    f"{attr} ({kind} {key!r}): holds non-finite values or values whose "
-                    f"exponential overflows (min {float(t.min())}, max {float(t.max())}); an "
-                    "optimiser step diverged? Lower the learning rate or clip the gradients"
+                    f"{attr} (learnable parameter {key!r}): holds non-finite values or values "
+                    f"whose exponential overflows (min {float(t.min())}, max {float(t.max())}); "
+                    "an optimiser step diverged? Lower the learning rate or clip the gradients"
                 )
 
     # -- hyperparameters as the solver wants them -------------------------------------------
-    def hyperparameters(self, dtype: torch.dtype) -> dict:
-        """Per-level λ, θ (scalars or (K,) schedules), momentum and step scales (or None)."""
-        cfg = self.config
-        lam, theta, momentum, step = [], [], None, None
-        for level, k in enumerate(cfg.iterations):
-            sl = slice(0, k) if self.schedule == "iteration" else 0
-            lam.append(self.log_lam[level, sl].to(dtype).exp())
-            theta.append(self.log_theta[level, sl].to(dtype).exp())
+    def hyperparameters(self, dtype: torch.dtype, device: torch.device | str | None = None) -> dict:
+        """Per-level λ, θ (0-d tensors, or ``(K,)`` schedules), momentum and step scales (or
+        None): the learnable ones from their parameters, the others from the config, exact
+        in ``dtype``. ``device``: where the config's values go (default: the CPU)."""
+        cfg, per_iter = self._config, self.schedule == "iteration"
+        out = {}
+        for attr, name, key in (("log_lam", "lam", "lambda"), ("log_theta", "theta", "theta")):
+            if key in self.learnable:
+                p = getattr(self, attr)
+                out[name] = [
+                    p[level, slice(0, k) if per_iter else 0].to(dtype).exp()
+                    for level, k in enumerate(cfg.iterations)
+                ]
+            else:
+                out[name] = [
+                    torch.full((k,) if per_iter else (), v, dtype=dtype, device=device)
+                    for v, k in zip(cfg.per_level(name), cfg.iterations)
+                ]
+        out["momentum"] = out["step_scale"] = None
         if "momentum" in self.learnable:
-            momentum = [
+            out["momentum"] = [
                 torch.sigmoid(self.momentum_logit[level, :k].to(dtype))
                 for level, k in enumerate(cfg.iterations)
             ]
         if "step" in self.learnable:
-            step = [
+            out["step_scale"] = [
                 self.log_step[level, :w].to(dtype).exp() for level, w in enumerate(cfg.warps)
             ]
-        return dict(lam=lam, theta=theta, momentum=momentum, step_scale=step)
+        return out
 
     def forward(
         self,
@@ -255,37 +295,37 @@ class NADMMRegistration(nn.Module):
         return_diagnostics: bool = False,
     ) -> Tensor | tuple[Tensor, Diagnostics]:
         return_diagnostics = check_bool(return_diagnostics, "return_diagnostics")
-        if not (isinstance(fixed, Tensor) and isinstance(moving, Tensor)):
-            from .io import unpack_torchio_pair  # TorchIO images / subject: spacing from them
-
-            fixed, moving, spacing, _ = unpack_torchio_pair(fixed, moving, spacing)
-        if isinstance(fixed, Tensor):
-            check_module_device(fixed, self, "fixed")
+        for name, x in (("fixed", fixed), ("moving", moving)):
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"{name}: expected a torch.Tensor, got {type(x).__name__}; TorchIO images "
+                    "and subjects go through nadmm_torch.register, or unpack them with "
+                    "nadmm_torch.io.unpack_torchio_pair"
+                )
+        check_module_device(fixed, self, "fixed")
         fixed, moving = prepare_pair(fixed, moving)
-        ndim = fixed.dim() - 2
-        spacing = check_spacing(spacing, ndim)
+        spacing = check_spacing(spacing, fixed.dim() - 2)
         check_pyramid_size(fixed.shape[2:])
         if initial_displacement is not None:
             initial_displacement = check_displacement(
                 initial_displacement, "initial_displacement", like=fixed
             )
         self.check_hyperparameters()
-        params = self.hyperparameters(fixed.dtype)
         d, diag = solve(
             fixed,
             moving,
-            self.config,
+            self._config,
             spacing=spacing,
             initial_displacement=initial_displacement,
             checkpoint=self.checkpoint,
             compile=self.compile,
             diagnostics=return_diagnostics,
-            **params,
+            **self.hyperparameters(fixed.dtype, fixed.device),
         )
         return (d, diag) if return_diagnostics else d
 
     def extra_repr(self) -> str:
-        c = self.config
+        c = self._config
         return (
             f"data_term={c.data_term!r}, order={c.order}, levels={c.levels}, "
             f"iterations={c.iterations}, warps={c.warps}, learnable={sorted(self.learnable)}"

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .config import SETTINGS_FORMAT, SETTINGS_VERSION, read_settings
 from .losses import DiceLoss, NCCLoss, SmoothnessLoss, warp_onehot
 from .metrics import dice
 from .module import NADMMRegistration
 from .ops.warp import warp, warp_labels
-
-SETTINGS_FORMAT = "nadmm-torch-settings"
-SETTINGS_VERSION = 1
 
 
 @dataclass
@@ -77,23 +75,9 @@ class TuneResult:
 
 def load_settings(path: str | Path) -> dict:
     """A settings file from :meth:`TuneResult.save` as keyword arguments of ``register`` /
-    ``NADMMRegistration``: ``preset``, ``data_term``, ``order`` and the solver overrides."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"settings file not found: '{path}'") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"settings file '{path}': not valid JSON ({exc})") from None
-    if not isinstance(doc, Mapping) or doc.get("format") != SETTINGS_FORMAT:
-        raise ValueError(f"settings file '{path}': expected format {SETTINGS_FORMAT!r}")
-    if doc.get("version", 0) > SETTINGS_VERSION:
-        raise ValueError(f"settings file '{path}': version {doc['version']} is newer than "
-                         f"this nadmm-torch reads ({SETTINGS_VERSION})")
-    out = dict(preset=doc["preset"], data_term=doc["data_term"], order=doc["order"])
-    for name, value in doc.get("overrides", {}).items():
-        out[name] = tuple(value) if isinstance(value, list) else value
-    return out
+    ``NADMMRegistration``: ``preset``, ``data_term``, ``order`` and the solver overrides.
+    (The path itself works as ``preset=`` too.)"""
+    return read_settings(path)
 
 
 def _remap(fixed_labels: Tensor, moving_labels: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -267,8 +251,9 @@ def tune(
 def _settings(model: NADMMRegistration, preset, data_term, order, overrides) -> dict:
     """The model's settings as a settings-file document (learned values per level)."""
     out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in overrides.items()}
-    out["lam"] = [float(v) for v in model.log_lam[:, 0].detach().double().exp()]
-    out["theta"] = [float(v) for v in model.log_theta[:, 0].detach().double().exp()]
+    values = model.hyperparameters(torch.float64)
+    for name in ("lam", "theta"):
+        out[name] = [float(v.detach().flatten()[0]) for v in values[name]]
     return dict(format=SETTINGS_FORMAT, version=SETTINGS_VERSION, preset=preset,
                 data_term=data_term, order=order, overrides=out,
                 learned=sorted(model.learnable))

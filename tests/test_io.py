@@ -227,7 +227,7 @@ def test_torchio_2d(tmp_path):
     assert torch.equal(back, img) and geo2.matches(geo, tol=1e-6)
 
 
-def test_register_and_module_accept_torchio_images_and_subjects():
+def test_register_accepts_torchio_images_and_subjects_the_module_tensors_only():
     tio = pytest.importorskip("torchio")
     import nadmm_torch as nt
     from nadmm_torch.data import load_sample
@@ -240,9 +240,14 @@ def test_register_and_module_accept_torchio_images_and_subjects():
     kw = dict(iterations=2, warps=2)
     from_images = nt.register(fixed, moving, **kw)  # spacing taken from the images
     subject = tio.Subject(fixed=fixed, moving=moving)
-    from_subject = nt.NADMMRegistration(**kw)(subject)
+    from_subject = nt.register(subject, **kw)
     torch.testing.assert_close(from_images, expected)
     torch.testing.assert_close(from_subject, expected)
+    with pytest.raises(TypeError, match=r"^fixed: expected a torch.Tensor, got Subject; TorchIO "
+                                        r".*nadmm_torch.register.*unpack_torchio_pair"):
+        nt.NADMMRegistration(**kw)(subject)
+    with pytest.raises(TypeError, match=r"^moving: expected a torch.Tensor, got ScalarImage"):
+        nt.NADMMRegistration(**kw)(s.fixed, moving)
     warped = to_torchio(nt.warp(s.moving, from_images), geo)
     np.testing.assert_allclose(warped.affine, fixed.affine)
     with pytest.raises(ValueError, match="tio.Subject has no image"):

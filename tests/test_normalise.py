@@ -214,7 +214,7 @@ def test_gradient_scaling_makes_the_result_contrast_invariant():
 
 
 def test_presets_convert_lambda_to_gradient_units():
-    from nadmm_torch.presets import ACDC_GRADIENT_RMS
+    from nadmm_torch.config import ACDC_GRADIENT_RMS
 
     for data_term, power in (("l2", 2), ("l1", 1)):
         old = nt.preset_config("paper", data_term, 2, lam_scaling="none")

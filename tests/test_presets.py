@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nadmm_torch.presets import TUNED, preset_config
+from nadmm_torch.config import TUNED, preset_config
 
 RECORD = Path(__file__).resolve().parents[1] / "benchmarks" / "records" / "tune_nadmm.json"
 

@@ -109,8 +109,10 @@ def test_warp_labels_public_function_validates_and_keeps_old_callers():
     # the form the CLI, the demo and the Lightning module call: num_classes = max + 1
     assert torch.equal(raw_warp_labels(labels, d, num_classes=6), nt.warp_labels(labels, d))
     assert torch.equal(nt.warp_labels(labels, torch.zeros(1, 2, 8, 8)), labels)  # exact identity
+    # a half-precision field is sampled in float32 (comparing with ``d`` itself would depend on
+    # whether rounding ``d`` to half moves a voxel across a label boundary)
     assert torch.equal(nt.warp_labels(labels.to(torch.uint8), d.half()),
-                       nt.warp_labels(labels, d).to(torch.uint8))
+                       nt.warp_labels(labels, d.half().float()).to(torch.uint8))
     with pytest.raises(ValueError, match=r"^labels: expected values in \[0, 3\)"):
         raw_warp_labels(labels, d, num_classes=3)
     with pytest.raises(TypeError, match=r"^labels: expected an integer label map"):
@@ -128,7 +130,7 @@ def test_warp_labels_public_function_validates_and_keeps_old_callers():
 @pytest.mark.parametrize("preset", ["fast", "paper", "accurate"])
 @pytest.mark.parametrize("levels", [1, 2, 4, 10])
 def test_preset_schedules_follow_levels(preset, levels):
-    from nadmm_torch.presets import PRESETS, preset_config
+    from nadmm_torch.config import PRESETS, preset_config
 
     cfg = preset_config(preset, "l2", 2, levels=levels)
     base = PRESETS[preset]
@@ -212,18 +214,18 @@ def test_extreme_values_inside_the_bounds_stay_finite():
 def test_truthy_values_are_not_booleans(value):
     f = sample_slice(32)
     m = f.flip(-1)
-    with pytest.raises(ValueError, match=rf"^checkpoint: expected True or False, got {value!r}"):
+    with pytest.raises(TypeError, match=rf"^checkpoint: expected True or False, got {value!r}"):
         nt.NADMMRegistration(checkpoint=value)
-    with pytest.raises(ValueError, match=r"^return_diagnostics: expected True or False"):
+    with pytest.raises(TypeError, match=r"^return_diagnostics: expected True or False"):
         nt.register(f, m, return_diagnostics=value)
-    with pytest.raises(ValueError, match=r"^return_diagnostics: expected True or False"):
+    with pytest.raises(TypeError, match=r"^return_diagnostics: expected True or False"):
         nt.NADMMRegistration()(f, m, return_diagnostics=value)
     if value is None:  # None for a solver option means "the preset's value"
         return
     for option in ("safeguard", "restart", "accelerated", "anisotropic_pyramid"):
-        with pytest.raises(ValueError, match=rf"^{option}: expected True or False"):
+        with pytest.raises(TypeError, match=rf"^{option}: expected True or False"):
             nt.register(f, m, **{option: value})
-    with pytest.raises(ValueError, match=r"^normalize: expected one of"):
+    with pytest.raises((TypeError, ValueError), match=r"^normalize: expected one of"):
         nt.register(f, m, normalize=value)
 
 
@@ -275,11 +277,6 @@ def test_non_finite_parameters_are_named(attr, key, value):
     with pytest.raises(ValueError, match=rf"^{attr} \(learnable parameter '{key}'\): holds "
                                          "non-finite values"):
         model(f, m)
-    buffers = nt.NADMMRegistration()  # the same for a buffer (e.g. from a bad state dict)
-    with torch.no_grad():
-        getattr(buffers, attr)[-1, 0] = value
-    with pytest.raises(ValueError, match=rf"^{attr} \(buffer '{key}'\)"):
-        buffers(f, m)
 
 
 # -- state dicts carry the settings ------------------------------------------------------------
@@ -307,6 +304,8 @@ def test_state_dict_of_other_settings_is_refused_before_anything_loads():
 
 
 def test_state_dict_round_trip_and_old_state_dicts(tmp_path):
+    from nadmm_torch.module import initial_values
+
     trained = nt.NADMMRegistration(order=1, learnable=True)
     with torch.no_grad():
         trained.log_lam.add_(0.5)
@@ -320,9 +319,23 @@ def test_state_dict_round_trip_and_old_state_dicts(tmp_path):
     assert torch.equal(fresh.log_lam, trained.log_lam)
     # a state dict saved before the settings were stored still loads, strictly
     old = {k: v for k, v in state.items() if not k.endswith("_extra_state")}
-    fresh = nt.NADMMRegistration(order=1)
+    fresh = nt.NADMMRegistration(order=1, learnable=True)
     fresh.load_state_dict(old, strict=True)
     assert torch.equal(fresh.log_lam, trained.log_lam)
+    # Earlier versions stored what is not learnable as buffers holding the config's values:
+    # they are dropped (the config holds them), also by strict loading ...
+    classical = nt.NADMMRegistration(order=1)
+    assert dict(classical.named_parameters()) == {} and dict(classical.named_buffers()) == {}
+    buffers = initial_values(classical.config, "level")
+    classical.load_state_dict(dict(buffers), strict=True)
+    only_lam = nt.NADMMRegistration(order=1, learnable="lambda")
+    only_lam.load_state_dict({**buffers, "log_lam": trained.log_lam.detach()}, strict=True)
+    assert torch.equal(only_lam.log_lam, trained.log_lam)
+    assert not hasattr(only_lam, "log_theta")
+    # ... but learned values are never dropped silently
+    with pytest.raises(ValueError, match=r"^state_dict: log_lam holds values other than this "
+                                         r"module's settings give, and 'lambda' is not learnable"):
+        nt.NADMMRegistration(order=1).load_state_dict(old, strict=False)
 
 
 # -- constant images: the initial displacement (or zero) for that element, with a warning -------

@@ -1,10 +1,12 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 import nadmm_torch as nt
+from nadmm_torch.config import SolverConfig
 from nadmm_torch.data.sample import load_sample
 from nadmm_torch.ops.solver import (
-    SolverConfig,
     pyramid_factors,
     repair_folds,
     safeguarded_compose,
@@ -210,7 +212,7 @@ def test_a_level_without_warps_is_skipped_and_its_coarser_field_upsampled():
     assert diag.warps == [2, 2, 0]
 
     half = (16, 16)
-    cfg2 = cfg.updated(levels=2, iterations=(4, 3), warps=(2, 2))
+    cfg2 = replace(cfg, levels=2, iterations=(4, 3), warps=(2, 2))
     d_half, _ = solve(resize(fixed, half, mode="area"), resize(moving, half, mode="area"), cfg2,
                       spacing=(2.0, 2.0))
     expected = repair_folds(resize_displacement(d_half, (32, 32)))

@@ -1,6 +1,6 @@
 """Nesterov-accelerated ADMM for one linearisation of the registration model.
 
-Model (METHOD.md), for a velocity ``u`` of shape ``(B, ndim, *S)``::
+Model (``docs/method.md``), for a velocity ``u`` of shape ``(B, ndim, *S)``::
 
     minimise  (λ/p) Σ_x |g·u + c|^p  +  ½ Σ_i h_i² ⟨u_i, (−Δ_h)^n u_i⟩
 
@@ -79,7 +79,6 @@ def v_step_l1(w: Tensor, g: Tensor, c: Tensor, s: Tensor, lam: Schedule, theta: 
 # data term -> (coefficient, apply): the coefficients are built once per solve unless λ or θ
 # follow a per-iteration schedule.
 V_STEP_PARTS = {"l2": (l2_coefficient, l2_apply), "l1": (l1_coefficient, l1_apply)}
-V_STEPS = {"l2": v_step_l2, "l1": v_step_l1}
 
 
 def data_energy(u: Tensor, g: Tensor, c: Tensor, lam: float | Tensor, data_term: str) -> Tensor:
@@ -118,13 +117,24 @@ def _batch_norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
 
 
-def _nesterov(t: Tensor, accelerated: bool) -> tuple[Tensor, Tensor]:
-    """Momentum weight ``a_k = (t_k − 1) / t_{k+1}`` and ``t_{k+1}`` per batch element
-    (plain ADMM: ``a = 0``, ``t`` unchanged)."""
+def nesterov_step(t: Tensor, accelerated: bool = True) -> tuple[Tensor, Tensor]:
+    """Momentum weight ``a_k = (t_k − 1) / t_{k+1}`` and ``t_{k+1} = (1 + √(1 + 4 t_k²)) / 2``
+    per batch element (plain ADMM: ``a = 0``, ``t`` unchanged). The one place this recurrence
+    is written."""
     if not accelerated:
         return torch.zeros_like(t), t
     t_new = 0.5 * (1.0 + torch.sqrt(1.0 + 4.0 * t * t))
     return (t - 1.0) / t_new, t_new
+
+
+def nesterov_weights(iterations: int) -> list[float]:
+    """The Nesterov weights ``a_1 … a_K`` from ``t_0 = 1`` (float64), e.g. to initialise
+    learnable momentum schedules."""
+    t, out = torch.ones((), dtype=torch.float64), []
+    for _ in range(iterations):
+        a, t = nesterov_step(t)
+        out.append(float(a))
+    return out
 
 
 def _residual_measure(e: Tensor, du: Tensor, theta: Schedule) -> Tensor:
@@ -132,7 +142,7 @@ def _residual_measure(e: Tensor, du: Tensor, theta: Schedule) -> Tensor:
     return theta * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)
 
 
-def _restart(
+def restart_step(
     alpha: Tensor, t_new: Tensor, combined: Tensor, c_prev: Tensor, restart_eta: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Goldstein et al.'s restart: keep the momentum where the combined residual shrank by
@@ -145,6 +155,40 @@ def _restart(
     t_new = torch.where(keep, t_new, torch.ones_like(t_new))
     alpha = torch.where(keep, alpha, torch.zeros_like(alpha))
     return alpha, t_new, c_prev, keep
+
+
+class _Momentum:
+    """The per-element scalars of accelerated ADMM, ``(B,)`` tensors: Nesterov's ``t_k`` (or
+    given weights ``a_k``), the restart test's residual and the restart count.
+
+    ``dtype``/``device``: where they live; the in-place CPU loop keeps them in float64 on the
+    host (as Python scalars would be), the others in the field's dtype on its device.
+    """
+
+    def __init__(self, batch, dtype, device, accelerated: bool, restart: bool, eta: float):
+        self.t = torch.ones(batch, dtype=dtype, device=device)
+        self.c_prev = torch.full((batch,), math.inf, dtype=dtype, device=device)
+        self.restarts = torch.zeros(batch, dtype=torch.long, device=device)
+        self.accelerated, self.restart, self.eta = accelerated, restart, eta
+
+    def alpha(self, e: Tensor, du: Tensor, theta, a=None, active: Tensor | None = None):
+        """Extrapolation factor ``α = 1 + a_k`` (0 where the momentum restarts) and the next
+        ``t`` (the caller commits it to :attr:`t`). ``e``: primal residual, ``du = u^{k+1} −
+        u^k``; ``a``: a given weight (then ``t`` stays); ``active``: which elements count
+        their restarts (default all)."""
+        if a is not None:
+            a, t_new = a * torch.ones_like(self.t), self.t
+        else:
+            a, t_new = nesterov_step(self.t, self.accelerated)
+        alpha = 1.0 + a
+        if self.restart:
+            combined = _residual_measure(e, du, theta).to(self.t.dtype)
+            alpha, t_new, self.c_prev, keep = restart_step(
+                alpha, t_new, combined, self.c_prev, self.eta
+            )
+            restarted = ~keep if active is None else ~keep & active
+            self.restarts = self.restarts + restarted.long()
+        return alpha, t_new
 
 
 def _bview(x: Tensor, ndim: int) -> Tensor:
@@ -194,69 +238,84 @@ def nesterov_admm(
     Returns:
         ``u`` ``(B, ndim, *S)`` (the smooth iterate ``u^K``) and an :class:`ADMMInfo`.
     """
-    batch, ndim = g.shape[0], g.dim() - 2
-    shape = tuple(g.shape[2:])
-    spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
-    symbol = laplacian_symbol(shape, spacing, int(order), boundary, g.dtype, g.device)
-    weights = regulariser_weights(spacing, g.dtype, g.device)
-    coefficient, v_apply = V_STEP_PARTS[data_term]
-    s = (g * g).sum(dim=1, keepdim=True)
-    # Built once per solve (they depend on λ, θ and g only), unless λ/θ are schedules.
-    lam_scheduled = _is_schedule(lam) or _is_schedule(theta)
-    coef = None if lam_scheduled else coefficient(s, lam, theta)
-    mult = None if _is_schedule(theta) else shifted_inverse(theta, symbol, weights)
-
+    ops = _Operators.build(g, lam, theta, order, spacing, boundary, data_term)
     plain_inference = (
         not (torch.is_grad_enabled() and any(_needs_grad(x) for x in (g, c, lam, theta)))
-        and coef is not None and mult is not None and boundary == "neumann"
+        and ops.coef is not None and ops.mult is not None and boundary == "neumann"
         and momentum is None and tol is None and not record and callback is None
         and not torch.compiler.is_compiling()  # compiled: the functional loop, fused by inductor
     )
     if plain_inference:
         u, n_restart = _admm_in_place(
-            g, c, coef, mult, float(theta), data_term, iterations, accelerated, restart,
+            g, c, ops.coef, ops.mult, float(theta), data_term, iterations, accelerated, restart,
             restart_eta, host=g.device.type == "cpu",
         )  # fmt: skip
-        n_iter = torch.full((batch,), iterations, dtype=torch.long, device=g.device)
+        n_iter = torch.full((g.shape[0],), iterations, dtype=torch.long, device=g.device)
         return u, ADMMInfo(iterations=n_iter, restarts=n_restart)
+    state = _Momentum(g.shape[0], g.dtype, g.device, accelerated, restart, restart_eta)
+    return _admm_loop(g, c, ops, lam, theta, iterations, boundary, state, momentum, tol, record,
+                      callback)
 
-    u = torch.zeros_like(g)
-    b = torch.zeros_like(g)
-    u_hat, b_hat = u, b
-    t = torch.ones(batch, dtype=g.dtype, device=g.device)
-    c_prev = torch.full((batch,), math.inf, dtype=g.dtype, device=g.device)
+
+@dataclass
+class _Operators:
+    """What one ADMM solve precomputes: the regulariser's symbol and per-axis weights,
+    ``s = |g|²``, and (unless λ or θ follow a per-iteration schedule) the v-step coefficients
+    ``coef`` and the u-step multiplier ``mult``."""
+
+    symbol: Tensor
+    weights: Tensor
+    s: Tensor
+    coefficient: Callable
+    v_apply: Callable
+    coef: object
+    mult: Tensor | None
+
+    @classmethod
+    def build(cls, g, lam, theta, order, spacing, boundary, data_term) -> _Operators:
+        ndim, shape = g.dim() - 2, tuple(g.shape[2:])
+        spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
+        symbol = laplacian_symbol(shape, spacing, int(order), boundary, g.dtype, g.device)
+        weights = regulariser_weights(spacing, g.dtype, g.device)
+        coefficient, v_apply = V_STEP_PARTS[data_term]
+        s = (g * g).sum(dim=1, keepdim=True)
+        scheduled = _is_schedule(lam) or _is_schedule(theta)
+        coef = None if scheduled else coefficient(s, lam, theta)
+        mult = None if _is_schedule(theta) else shifted_inverse(theta, symbol, weights)
+        return cls(symbol, weights, s, coefficient, v_apply, coef, mult)
+
+    def step(self, g, c, u_hat, b_hat, lam_k, theta_k, boundary) -> tuple[Tensor, ...]:
+        """One ADMM iteration from the extrapolated ``(û, b̂)``: ``(u, b, e = v − u)``."""
+        coef = self.coef if self.coef is not None else self.coefficient(self.s, lam_k, theta_k)
+        mult = self.mult if self.mult is not None else shifted_inverse(
+            theta_k, self.symbol, self.weights
+        )
+        w = u_hat - b_hat / theta_k
+        v = self.v_apply(w, g, c, coef)
+        u_new = apply_spectral(theta_k * v + b_hat, mult, boundary)
+        e = v - u_new  # primal residual, shared by the dual update and the restart test
+        return u_new, b_hat + theta_k * e, e
+
+
+def _admm_loop(g, c, ops: _Operators, lam, theta, iterations, boundary, state: _Momentum,
+               momentum, tol, record, callback) -> tuple[Tensor, ADMMInfo]:
+    """The functional (autograd-friendly) loop of :func:`nesterov_admm`."""
+    batch, ndim = g.shape[0], g.dim() - 2
+    u = b = u_hat = b_hat = torch.zeros_like(g)
     active = torch.ones(batch, dtype=torch.bool, device=g.device)
     n_iter = torch.zeros(batch, dtype=torch.long, device=g.device)
-    n_restart = torch.zeros(batch, dtype=torch.long, device=g.device)
     info = ADMMInfo(iterations=n_iter)
-
     for k in range(iterations):
-        lam_k, theta_k = _at(lam, k), _at(theta, k)
-        coef_k = coef if coef is not None else coefficient(s, lam_k, theta_k)
-        mult_k = mult if mult is not None else shifted_inverse(theta_k, symbol, weights)
-        w = u_hat - b_hat / theta_k
-        v = v_apply(w, g, c, coef_k)
-        u_new = apply_spectral(theta_k * v + b_hat, mult_k, boundary)
-        e = v - u_new  # primal residual, shared by the dual update and the restart test
-        b_new = b_hat + theta_k * e
+        theta_k = _at(theta, k)
+        u_new, b_new, e = ops.step(g, c, u_hat, b_hat, _at(lam, k), theta_k, boundary)
         du = u_new - u
-
-        if momentum is not None:
-            a, t_new = _at(momentum, k) * torch.ones_like(t), t
-        else:
-            a, t_new = _nesterov(t, accelerated)
+        a_k = _at(momentum, k) if momentum is not None else None
+        alpha, t_new = state.alpha(e, du, theta_k, a_k, active)
         # Extrapolation û = u + α Δu, b̂ = b + α Δb with α = 1 + a (a restart sets α = 0,
         # i.e. û = u, b̂ = b): one fused multiply-add per field instead of add + where.
-        alpha = 1.0 + a
-        if restart:
-            alpha, t_new, c_prev, keep = _restart(
-                alpha, t_new, _residual_measure(e, du, theta_k), c_prev, restart_eta
-            )
-            n_restart = n_restart + (~keep & active).long()
         alpha_b = _bview(alpha, ndim)
         u_hat_new = torch.addcmul(u, alpha_b, du)
         b_hat_new = torch.addcmul(b, alpha_b, b_new - b)
-
         if record or tol is not None:  # two reductions: skipped on the sync-free fast path
             rel = _batch_norm(du) / _batch_norm(u).clamp_min(torch.finfo(g.dtype).tiny)
             if record:
@@ -264,24 +323,19 @@ def nesterov_admm(
         n_iter = n_iter + active.long()
         if callback is not None:
             callback(k + 1, u_new)
-
         if tol is None:
-            u, b, u_hat, b_hat, t = u_new, b_new, u_hat_new, b_hat_new, t_new
+            u, b, u_hat, b_hat, state.t = u_new, b_new, u_hat_new, b_hat_new, t_new
             continue
         # Freeze batch elements that have converged, so a pair's result does not depend on
         # the other pairs of its batch.
         act = _bview(active, ndim)
-        u = torch.where(act, u_new, u)
-        b = torch.where(act, b_new, b)
-        u_hat = torch.where(act, u_hat_new, u_hat)
-        b_hat = torch.where(act, b_hat_new, b_hat)
-        t = torch.where(active, t_new, t)
+        u, b = torch.where(act, u_new, u), torch.where(act, b_new, b)
+        u_hat, b_hat = torch.where(act, u_hat_new, u_hat), torch.where(act, b_hat_new, b_hat)
+        state.t = torch.where(active, t_new, state.t)
         active = active & ~(rel < tol)
         if not bool(active.any()):
             break
-
-    info.iterations = n_iter
-    info.restarts = n_restart
+    info.iterations, info.restarts = n_iter, state.restarts
     return u, info
 
 
@@ -302,8 +356,9 @@ def _admm_in_place(
     """The loop of :func:`nesterov_admm` for fixed λ/θ, Neumann boundaries and no gradients,
     written into preallocated buffers (same operations, same order: the same numbers).
 
-    ``host``: keep the per-element momentum / restart scalars in Python (CPU, where reading
-    them costs nothing); otherwise as ``(B,)`` tensors on the device (no synchronisation).
+    ``host``: keep the per-element momentum / restart scalars in float64 on the CPU (where
+    reading them costs nothing); otherwise in the field's dtype on its device (no
+    synchronisation).
 
     Temporaries of every iteration would otherwise be fresh multi-MB allocations, and on the
     CPU their page faults cost as much as the arithmetic (measured: −30 % time at 10×128×128).
@@ -315,23 +370,12 @@ def _admm_in_place(
     v, e, du, db, work = (torch.empty_like(g) for _ in range(5))
     spectral = (torch.empty_like(g), torch.empty_like(g))
     r = torch.empty_like(c)
-    t = torch.ones(batch, dtype=g.dtype, device=g.device)
-    c_prev = torch.full((batch,), math.inf, dtype=g.dtype, device=g.device)
-    n_restart = torch.zeros(batch, dtype=torch.long, device=g.device)
-    t_host, c_host, restarts_host = [1.0] * batch, [math.inf] * batch, [0] * batch
+    state = _Momentum(batch, torch.float64 if host else g.dtype, "cpu" if host else g.device,
+                      accelerated, restart, restart_eta)
     for _ in range(iterations):
         # w = û − b̂/θ  (into `work`), then the v-step into `v`
         torch.add(u_hat, b_hat, alpha=-1.0 / theta, out=work)
-        torch.mul(g, work, out=e)
-        torch.sum(e, dim=1, keepdim=True, out=r)
-        r.add_(c)
-        if data_term == "l2":
-            r.mul_(coef)
-            torch.addcmul(work, r, g, value=-1.0, out=v)
-        else:
-            tau, inv_s = coef
-            r.mul_(inv_s).neg_().clamp_(-tau, tau)
-            torch.addcmul(work, r, g, out=v)
+        _v_step_into(v, work, g, c, coef, data_term, e, r)
         # u-step: u_new = T⁻¹ (mult · T (θ v + b̂))
         torch.add(b_hat, v, alpha=theta, out=work)
         spec = dct_into(work, spectral)
@@ -341,38 +385,26 @@ def _admm_in_place(
         torch.sub(v, u_new, out=e)
         torch.add(b_hat, e, alpha=theta, out=b_new)
         torch.sub(u_new, u, out=du)
-
-        if host:  # CPU: the per-element scalars in Python, not as tiny tensor ops
-            combined = _residual_measure(e, du, theta).tolist() if restart else None
-            alphas = []
-            for i in range(batch):
-                t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t_host[i] ** 2)) if accelerated else 1.0
-                alpha_i = 1.0 + (t_host[i] - 1.0) / t_next if accelerated else 1.0
-                if restart:
-                    if combined[i] < restart_eta * c_host[i]:
-                        c_host[i] = combined[i]
-                    else:
-                        c_host[i] /= restart_eta
-                        restarts_host[i] += 1
-                        t_next, alpha_i = 1.0, 0.0
-                t_host[i] = t_next
-                alphas.append(alpha_i)
-            alpha = torch.tensor(alphas, dtype=g.dtype)
-        else:
-            a, t_new = _nesterov(t, accelerated)
-            alpha = 1.0 + a
-            if restart:
-                alpha, t_new, c_prev, keep = _restart(
-                    alpha, t_new, _residual_measure(e, du, theta), c_prev, restart_eta
-                )
-                n_restart += (~keep).long()
-            t = t_new
-        alpha_b = alpha.view(bshape)
+        alpha, state.t = state.alpha(e, du, theta)
+        alpha_b = alpha.to(g.dtype).view(bshape)
         torch.addcmul(u, alpha_b, du, out=u_hat)
         torch.sub(b_new, b, out=db)
         torch.addcmul(b, alpha_b, db, out=b_hat)
         u, u_new = u_new, u
         b, b_new = b_new, b
-    if host:
-        n_restart = torch.tensor(restarts_host, dtype=torch.long, device=g.device)
-    return u, n_restart
+    return u, state.restarts.to(g.device)
+
+
+def _v_step_into(v: Tensor, w: Tensor, g: Tensor, c: Tensor, coef, data_term: str,
+                 scratch: Tensor, r: Tensor) -> None:
+    """The v-step of ``w`` into ``v`` (``scratch`` like ``g``, ``r`` like ``c``)."""
+    torch.mul(g, w, out=scratch)
+    torch.sum(scratch, dim=1, keepdim=True, out=r)
+    r.add_(c)
+    if data_term == "l2":
+        r.mul_(coef)
+        torch.addcmul(w, r, g, value=-1.0, out=v)
+    else:
+        tau, inv_s = coef
+        r.mul_(inv_s).neg_().clamp_(-tau, tau)
+        torch.addcmul(w, r, g, out=v)

@@ -13,7 +13,7 @@ pull on the other. The DCT is applied as a dense ``N × N`` matrix per axis (exa
 GPU-friendly; fine for the ≤ 512-voxel axes of medical images).
 
 Shapes: right-hand sides ``(B, ndim, *S)``; component ``i`` is weighted by ``h_i²`` (the model
-regularises the physical displacement ``h_i u_i``; see METHOD.md).
+regularises the physical displacement ``h_i u_i``; see ``docs/method.md``).
 """
 
 from __future__ import annotations

@@ -10,14 +10,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
+from typing import Protocol
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from .admm import DATA_TERMS, nesterov_admm
+from .admm import nesterov_admm
 from .diff import forward_jacobian_determinant, jacobian_determinant, spatial_gradient
-from .fourier import BOUNDARIES
 from .warp import compose, resize, resize_displacement, warp
 
 # Step scales tried, largest first, by the safeguard; 0 keeps the previous displacement.
@@ -30,120 +30,38 @@ MAX_INITIAL_FOLD_PERCENT = 50.0
 # ``compile=`` choices of :func:`solve`: False (eager), True (= "default"), or a torch.compile
 # mode; "reduce-overhead" replays CUDA graphs on a GPU (on a CPU it is the default mode).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# ``normalize=`` choices: how a pair's intensities are mapped to about [0, 1] before solving
-# (see :func:`normalise_pair`). ``True`` is an alias of "percentile", ``False`` of "none".
+# ``normalize`` modes of :func:`normalise_pair` (the config validates the option).
 NORMALIZE_MODES = ("percentile", "minmax", "none")
 # The joint percentiles that "percentile" maps to 0 and 1 (values outside are clipped): a few
 # hot or dead voxels (up to 0.5 % of the pair) no longer set the scale of the whole problem.
 NORMALIZE_PERCENTILES = (0.5, 99.5)
-# ``lam_scaling=`` choices: "gradient" measures the data term in units of the pair's RMS image
-# gradient at each level (see :func:`gradient_scale`); "none" uses the normalised intensities.
-LAM_SCALINGS = ("gradient", "none")
 # Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
 QUANTILE_SAMPLES = 1 << 21
 
 
-@dataclass(frozen=True)
-class SolverConfig:
-    """Settings of the solver. Per-level tuples run coarse → fine.
+class SolverSettings(Protocol):
+    """What :func:`solve` reads of its settings (:class:`nadmm_torch.config.SolverConfig`)."""
 
-    ``lam``/``theta`` are floats or per-level tuples. ``iterations`` (ADMM, K) and ``warps``
-    (compositions, W) are maxima; ``tol_admm``/``tol_warp`` stop earlier where set.
-    ``tol_warp`` is the RMS step (voxels of the level) under which a level stops (a step the
-    safeguard scales to 0 counts as 0).
-    ``frozen_axes``: spatial axes along which nothing moves (their displacement component stays
-    zero), or ``"thick"`` for the axes with spacing > 2 × the finest (slice axes of 2D-stack MRI,
-    whose image gradient across 5–10 mm slices is not a reliable motion cue).
-    ``restart`` is on by default: without it the accelerated scheme can diverge on this
-    weakly convex model once run long (see ``tests/test_admm.py``).
-    ``normalize``: intensity scaling of each pair before solving, one of
-    :data:`NORMALIZE_MODES` (``True`` means "percentile", ``False`` "none"); λ is tuned for
-    the default, "percentile".
-    ``lam_scaling``: "gradient" (default) divides both images, at each pyramid level, by the
-    pair's RMS image gradient there (:func:`gradient_scale`), so λ weighs residuals measured in
-    voxels of typical-edge motion rather than in intensity, and one λ serves images of any
-    contrast or texture; "none" solves on the normalised intensities (λ in intensity units).
-    """
+    data_term: str
+    order: int
+    levels: int
+    iterations: tuple[int, ...]
+    warps: tuple[int, ...]
+    tol_admm: float | None
+    tol_warp: float | None
+    accelerated: bool
+    restart: bool
+    restart_eta: float
+    safeguard: bool
+    min_jacobian: float
+    boundary: str
+    normalize: str
+    lam_scaling: str
+    anisotropic_pyramid: bool
+    min_level_size: int
+    frozen_axes: tuple[int, ...] | str
 
-    data_term: str = "l2"
-    order: int = 2
-    lam: float | tuple[float, ...] = 1.0
-    theta: float | tuple[float, ...] = 1.0
-    levels: int = 3
-    iterations: tuple[int, ...] = (10, 5, 5)
-    warps: tuple[int, ...] = (10, 10, 5)
-    tol_admm: float | None = None
-    tol_warp: float | None = None
-    accelerated: bool = True
-    restart: bool = True
-    restart_eta: float = 0.999
-    safeguard: bool = True
-    min_jacobian: float = 0.0
-    boundary: str = "neumann"
-    normalize: str | bool = "percentile"
-    lam_scaling: str = "gradient"
-    anisotropic_pyramid: bool = True
-    min_level_size: int = 4
-    frozen_axes: tuple[int, ...] | str = ()
-
-    def __post_init__(self) -> None:
-        if isinstance(self.normalize, bool):
-            object.__setattr__(self, "normalize", "percentile" if self.normalize else "none")
-        if self.normalize not in NORMALIZE_MODES:
-            raise ValueError(
-                f"normalize must be one of {NORMALIZE_MODES} or a bool, got {self.normalize!r}"
-            )
-        if self.lam_scaling not in LAM_SCALINGS:
-            raise ValueError(
-                f"lam_scaling must be one of {LAM_SCALINGS}, got {self.lam_scaling!r}"
-            )
-        if self.data_term not in DATA_TERMS:
-            raise ValueError(f"data_term must be one of {DATA_TERMS}, got {self.data_term!r}")
-        if int(self.order) != self.order or self.order < 1:
-            raise ValueError(f"order must be an integer >= 1, got {self.order!r}")
-        if self.boundary not in BOUNDARIES:
-            raise ValueError(f"boundary must be one of {BOUNDARIES}, got {self.boundary!r}")
-        if self.levels < 1:
-            raise ValueError(f"levels must be >= 1, got {self.levels}")
-        for name, least in (("iterations", 1), ("warps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, int):
-                object.__setattr__(self, name, (value,) * self.levels)
-            elif len(value) != self.levels or any(int(v) < least for v in value):
-                raise ValueError(
-                    f"{name}: expected one integer >= {least}, or {self.levels} of them (one "
-                    f"per level, coarse to fine, for levels={self.levels}), got {value!r}"
-                )
-        if isinstance(self.frozen_axes, str):
-            if self.frozen_axes != "thick":
-                raise ValueError(
-                    f"frozen_axes must be a tuple of axes or 'thick', got {self.frozen_axes!r}"
-                )
-        else:
-            object.__setattr__(self, "frozen_axes", tuple(int(a) for a in self.frozen_axes))
-        for name in ("lam", "theta"):
-            for v in self.per_level(name):
-                if not v > 0:
-                    raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-
-    def per_level(self, name: str) -> tuple[float, ...]:
-        """``lam``/``theta`` as one value per level."""
-        value = getattr(self, name)
-        if isinstance(value, (int, float)):
-            return (float(value),) * self.levels
-        if len(value) != self.levels:
-            raise ValueError(
-                f"{name}: expected one number, or {self.levels} of them (one per level, coarse "
-                f"to fine, for levels={self.levels}), got {value!r}"
-            )
-        return tuple(float(v) for v in value)
-
-    def scaled(self, name: str, factor: float) -> tuple[float, ...]:
-        """``lam``/``theta`` per level, each times ``factor`` (a sweep around a preset)."""
-        return tuple(v * factor for v in self.per_level(name))
-
-    def updated(self, **changes) -> SolverConfig:
-        return replace(self, **changes)
+    def per_level(self, name: str) -> tuple[float, ...]: ...
 
 
 @dataclass
@@ -160,6 +78,24 @@ class Diagnostics:
     # Per batch element, % of voxels where the given initial displacement folded (repaired
     # before solving); None without an initial displacement or with the safeguard off.
     initial_fold_percent: list[float] | None = None
+
+    def start_level(self, shape: tuple[int, ...]) -> None:
+        """A level solved at ``shape``; its warps follow through :meth:`record_warp`."""
+        self.shapes.append(tuple(shape))
+        for per_level in (self.admm_iterations, self.residuals, self.step_scales):
+            per_level.append([])
+        self.warps.append(0)
+
+    def skip_level(self, shape: tuple[int, ...]) -> None:
+        """A level without warps: the field passes on at ``shape``."""
+        self.start_level(shape)
+
+    def record_warp(self, info, scale: Tensor) -> None:
+        """One warp of the current level: its ADMM info and safeguard step scale ``(B,)``."""
+        self.admm_iterations[-1].append(info.iterations)
+        self.residuals[-1].append(info.residuals)
+        self.step_scales[-1].append(scale)
+        self.warps[-1] += 1
 
 
 def pyramid_factors(
@@ -189,7 +125,7 @@ def pyramid_factors(
     return out
 
 
-def frozen_axes(config: SolverConfig, spacing: Sequence[float]) -> tuple[int, ...]:
+def frozen_axes(config: SolverSettings, spacing: Sequence[float]) -> tuple[int, ...]:
     """The axes whose displacement component the solver keeps at zero."""
     if config.frozen_axes == "thick":
         h_min = min(spacing)
@@ -434,7 +370,7 @@ def _level_value(x, level: int):
 def solve(
     fixed: Tensor,
     moving: Tensor,
-    config: SolverConfig,
+    config: SolverSettings,
     *,
     spacing: Sequence[float] | None = None,
     initial_displacement: Tensor | None = None,
@@ -484,119 +420,171 @@ def solve(
         if diag is not None:
             diag.initial_fold_percent = percent
     constant = _constant_elements(fixed, moving, diag)
-    if constant is not None:  # nothing to register there: zeros in, initial field out
-        fixed = torch.where(constant, torch.zeros_like(fixed), fixed)
-        moving = torch.where(constant, torch.zeros_like(moving), moving)
-    fixed, moving = normalise_pair(fixed, moving, config.normalize)
-    lam = config.per_level("lam") if lam is None else lam
-    theta = config.per_level("theta") if theta is None else theta
-    frozen = frozen_axes(config, spacing)
-    keep: Tensor | None = None
-    if frozen:
-        keep = torch.ones(ndim, dtype=fixed.dtype, device=fixed.device)
-        keep[list(frozen)] = 0.0
-        keep = keep.view(1, ndim, *([1] * ndim))
-
+    fixed, moving = _prepared_images(fixed, moving, constant, config.normalize)
     mode = compile_mode(compile)
-    velocity = _velocity if mode is None else _compiled_velocity(mode)
+    run = _Run(
+        fixed, moving, config, spacing, initial_displacement,
+        lam=config.per_level("lam") if lam is None else lam,
+        theta=config.per_level("theta") if theta is None else theta,
+        momentum=momentum, step_scale=step_scale, keep=_frozen_mask(config, spacing, fixed),
+        velocity=_velocity if mode is None else _compiled_velocity(mode),
+        checkpoint=checkpoint, diag=diag,
+    )  # fmt: skip
     factors = pyramid_factors(
         shape, spacing, config.levels, config.anisotropic_pyramid, config.min_level_size
     )
     d: Tensor | None = None
     for level, fac in enumerate(factors):
-        if config.warps[level] == 0:
+        if config.warps[level] > 0:
+            d = _solve_level(run, level, fac, d)
+        elif diag is not None:
             # A level without warps is skipped: the field passes on at the coarser resolution
             # (e.g. the finest level of ``fast``: solved at half resolution, then upsampled).
-            if diag is not None:
-                diag.shapes.append(tuple(d.shape[2:]) if d is not None else shape)
-                for lst in (diag.admm_iterations, diag.residuals, diag.step_scales):
-                    lst.append([])
-                diag.warps.append(0)
-            continue
-        size = tuple(max(1, round(n / f)) for n, f in zip(shape, fac))
-        level_spacing = tuple(h * n / m for h, n, m in zip(spacing, shape, size))
-        f_l = resize(fixed, size, mode="area")
-        m_l = resize(moving, size, mode="area")
-        if config.lam_scaling == "gradient":
-            scale = gradient_scale(f_l, m_l, keep)
-            f_l, m_l = f_l / scale, m_l / scale
-        if d is None:
-            if initial_displacement is None:
-                d = fixed.new_zeros((fixed.shape[0], ndim, *size))
-            else:
-                d = resize_displacement(initial_displacement.to(fixed.dtype), size)
-                if config.safeguard:
-                    d = repair_folds(d, config.min_jacobian)
-        else:
-            d = resize_displacement(d, size)
-            if config.safeguard:
-                d = repair_folds(d, config.min_jacobian)
+            diag.skip_level(tuple(d.shape[2:]) if d is not None else shape)
+    return _finish(run, d, constant), diag
 
-        admm_kwargs = dict(
-            lam=_level_value(lam, level),
-            theta=_level_value(theta, level),
-            iterations=config.iterations[level],
-            order=config.order,
-            spacing=level_spacing,
-            data_term=config.data_term,
-            boundary=config.boundary,
-            accelerated=config.accelerated,
-            restart=config.restart,
-            restart_eta=config.restart_eta,
-            tol=config.tol_admm,
-            momentum=_level_value(momentum, level) if momentum is not None else None,
-            record=diagnostics,
-        )
-        scales_l = _level_value(step_scale, level) if step_scale is not None else None
-        active = torch.ones(fixed.shape[0], dtype=torch.bool, device=fixed.device)
-        if diag is not None:
-            diag.shapes.append(size)
-            diag.admm_iterations.append([])
-            diag.residuals.append([])
-            diag.step_scales.append([])
-        n_warps = 0
-        for w in range(config.warps[level]):
-            scale_w = scales_l[w] if scales_l is not None else None
 
-            def step(
-                d_in: Tensor, f_in: Tensor, m_in: Tensor, kw=admm_kwargs, sc=scale_w, mask=keep
-            ):
-                return _warp_step(d_in, f_in, m_in, kw, sc, config, mask, velocity)
+@dataclass
+class _Run:
+    """One call of :func:`solve`: its prepared inputs and what every level needs."""
 
-            if checkpoint and torch.is_grad_enabled():
-                d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
-            else:
-                d_new, u, info, s = step(d, f_l, m_l)
-            n_warps += 1
-            if config.tol_warp is not None:
-                act = active.view(-1, *([1] * (ndim + 1)))
-                d = torch.where(act, d_new, d)
-                # The step actually taken (s u): a safeguarded step of scale 0 leaves d as it was,
-                # so the next warp would repeat it exactly: the level has stalled, stop it too.
-                rms = s * u.pow(2).sum(1).flatten(1).mean(1).sqrt()
-                active = active & ~(rms < config.tol_warp)
-            else:
-                d = d_new
-            if diag is not None:
-                diag.admm_iterations[-1].append(info.iterations)
-                diag.residuals[-1].append(info.residuals)
-                diag.step_scales[-1].append(s)
-            if config.tol_warp is not None and not bool(active.any()):
-                break
-        if diag is not None:
-            diag.warps.append(n_warps)
+    fixed: Tensor  # (B, 1, *S), normalised
+    moving: Tensor
+    config: SolverSettings
+    spacing: tuple[float, ...]
+    initial: Tensor | None  # (B, ndim, *S), repaired
+    lam: object
+    theta: object
+    momentum: Sequence[Tensor | None] | None
+    step_scale: Sequence[Tensor | None] | None
+    keep: Tensor | None  # (1, ndim, 1, ...): 0 on frozen axes
+    velocity: object
+    checkpoint: bool
+    diag: Diagnostics | None
+
+
+def _prepared_images(
+    fixed: Tensor, moving: Tensor, constant: Tensor | None, normalize: str
+) -> tuple[Tensor, Tensor]:
+    """Zeros for constant batch elements (nothing to register there), then the intensity
+    scaling of :func:`normalise_pair` (``normalize``: one of :data:`NORMALIZE_MODES`)."""
+    if constant is not None:
+        fixed = torch.where(constant, torch.zeros_like(fixed), fixed)
+        moving = torch.where(constant, torch.zeros_like(moving), moving)
+    return normalise_pair(fixed, moving, normalize)
+
+
+def _frozen_mask(config: SolverSettings, spacing, like: Tensor) -> Tensor | None:
+    """``(1, ndim, 1, ...)``: 0 along the frozen axes, 1 elsewhere; ``None`` if none is."""
+    frozen = frozen_axes(config, spacing)
+    if not frozen:
+        return None
+    ndim = like.dim() - 2
+    keep = torch.ones(ndim, dtype=like.dtype, device=like.device)
+    keep[list(frozen)] = 0.0
+    return keep.view(1, ndim, *([1] * ndim))
+
+
+def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | None) -> Tensor:
+    """The warps of one pyramid level, from the coarser level's field ``d`` (or the start)."""
+    config, shape = run.config, run.fixed.shape[2:]
+    size = tuple(max(1, round(n / f)) for n, f in zip(shape, factors))
+    level_spacing = tuple(h * n / m for h, n, m in zip(run.spacing, shape, size))
+    f_l = resize(run.fixed, size, mode="area")
+    m_l = resize(run.moving, size, mode="area")
+    if config.lam_scaling == "gradient":  # λ relative to the pair's gradient energy here
+        scale = gradient_scale(f_l, m_l, run.keep)
+        f_l, m_l = f_l / scale, m_l / scale
+    d = _level_start(run, d, size)
+    admm_kwargs = _admm_settings(run, level, level_spacing)
+    scales = _level_value(run.step_scale, level) if run.step_scale is not None else None
+    active = torch.ones(run.fixed.shape[0], dtype=torch.bool, device=run.fixed.device)
+    if run.diag is not None:
+        run.diag.start_level(size)
+    for w in range(config.warps[level]):
+        scale = scales[w] if scales is not None else None
+        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active)
+        if config.tol_warp is not None and not bool(active.any()):
+            break
+    return d
+
+
+def _level_start(run: _Run, d: Tensor | None, size: tuple[int, ...]) -> Tensor:
+    """The field a level starts from: the coarser level's (or the initial one, or zero)
+    resampled to ``size``, made fold-free again where the safeguard is on."""
+    if d is None:
+        if run.initial is None:
+            return run.fixed.new_zeros((run.fixed.shape[0], len(size), *size))
+        d = resize_displacement(run.initial.to(run.fixed.dtype), size)
+    else:
+        d = resize_displacement(d, size)
+    if run.config.safeguard:
+        d = repair_folds(d, run.config.min_jacobian)
+    return d
+
+
+def _admm_settings(run: _Run, level: int, spacing: tuple[float, ...]) -> dict:
+    """The keyword arguments of :func:`nesterov_admm` at ``level``."""
+    c = run.config
+    return dict(
+        lam=_level_value(run.lam, level),
+        theta=_level_value(run.theta, level),
+        iterations=c.iterations[level],
+        order=c.order,
+        spacing=spacing,
+        data_term=c.data_term,
+        boundary=c.boundary,
+        accelerated=c.accelerated,
+        restart=c.restart,
+        restart_eta=c.restart_eta,
+        tol=c.tol_admm,
+        momentum=_level_value(run.momentum, level) if run.momentum is not None else None,
+        record=run.diag is not None,
+    )
+
+
+def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor):
+    """One warp (linearisation) of a level; with ``tol_warp``, batch elements whose step fell
+    under it keep their field and leave ``active``. Returns ``(d, active)``."""
+    config = run.config
+
+    def step(d_in: Tensor, f_in: Tensor, m_in: Tensor):
+        return _warp_step(d_in, f_in, m_in, admm_kwargs, scale, config, run.keep, run.velocity)
+
+    if run.checkpoint and torch.is_grad_enabled():
+        d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
+    else:
+        d_new, u, info, s = step(d, f_l, m_l)
+    if config.tol_warp is not None:
+        act = active.view(-1, *([1] * (d.dim() - 1)))
+        d = torch.where(act, d_new, d)
+        # The step actually taken (s u): a safeguarded step of scale 0 leaves d as it was, so
+        # the next warp would repeat it exactly: the level has stalled, stop it too.
+        rms = s * u.pow(2).sum(1).flatten(1).mean(1).sqrt()
+        active = active & ~(rms < config.tol_warp)
+    else:
+        d = d_new
+    if run.diag is not None:
+        run.diag.record_warp(info, s)
+    return d, active
+
+
+def _finish(run: _Run, d: Tensor | None, constant: Tensor | None) -> Tensor:
+    """The field at full resolution, fold-free, and the initial one (or zero) where an image
+    was constant."""
+    fixed, initial, config = run.fixed, run.initial, run.config
+    shape = tuple(fixed.shape[2:])
     if d is None:  # every level skipped
-        d = (fixed.new_zeros((fixed.shape[0], ndim, *shape)) if initial_displacement is None
-             else initial_displacement.to(fixed.dtype))
+        d = (fixed.new_zeros((fixed.shape[0], len(shape), *shape)) if initial is None
+             else initial.to(fixed.dtype))
     if tuple(d.shape[2:]) != shape:
         d = resize_displacement(d, shape)
     if config.safeguard:
         d = repair_folds(d, config.min_jacobian)
     if constant is not None:
-        fallback = (torch.zeros_like(d) if initial_displacement is None
-                    else initial_displacement.to(d.dtype))
+        fallback = torch.zeros_like(d) if initial is None else initial.to(d.dtype)
         d = torch.where(constant, fallback, d)
-    return d, diag
+    return d
 
 
 def _constant_elements(fixed: Tensor, moving: Tensor, diag: Diagnostics | None) -> Tensor | None:
