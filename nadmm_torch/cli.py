@@ -117,9 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--fixed-labels", metavar="LAB", help="label map of the fixed image (Dice is reported)"
     )
     p.add_argument("--preset", default="fast",
-                   help="solver preset: fast (default), paper (the paper's schedule) or accurate")
-    p.add_argument("--data-term", default="l2", choices=("l2", "l1"), help="default: l2")
-    p.add_argument("--order", type=int, default=2, help="regulariser order (default 2)")
+                   help="solver preset: fast (default), paper (the paper's schedule), accurate, "
+                   "or a settings file written by nadmm-tune")
+    p.add_argument("--preset-file", metavar="JSON",
+                   help="a settings file written by nadmm-tune / nadmm_torch.tune (replaces "
+                   "--preset); explicit settings below still win over the file's")
+    p.add_argument("--data-term", default=None, choices=("l2", "l1"),
+                   help="data term (default: l2, or the settings file's)")
+    p.add_argument("--order", type=int, default=None,
+                   help="regulariser order, an integer >= 1 (default: 2, or the settings file's)")
     p.add_argument("--lambda", dest="lam", type=float, help="regularisation weight λ")
     p.add_argument("--theta", type=float, help="ADMM penalty θ")
     p.add_argument(
@@ -295,8 +301,8 @@ class PairSpec:
 @dataclass
 class Settings:
     preset: str = "fast"
-    data_term: str = "l2"
-    order: int = 2
+    data_term: str | None = None  # None: l2, or the settings file's
+    order: int | None = None  # None: 2, or the settings file's
     lam: float | None = None
     theta: float | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -308,7 +314,11 @@ class Settings:
     def solver_kwargs(self, execution: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``register``; ``execution=False`` leaves out how it runs
         (``compile``), keeping only what defines the result."""
-        kw: dict[str, Any] = dict(preset=self.preset, data_term=self.data_term, order=self.order)
+        kw: dict[str, Any] = dict(preset=self.preset)
+        if self.data_term is not None:
+            kw["data_term"] = self.data_term
+        if self.order is not None:
+            kw["order"] = self.order
         if self.lam is not None:
             kw["lam"] = self.lam
         if self.theta is not None:
@@ -825,6 +835,8 @@ def _resume_key(
     key = {
         "inputs": {k: _fingerprint(getattr(spec, k), cache) for k in _INPUTS},
         "settings": settings.solver_kwargs(execution=False),
+        "preset_file": (_fingerprint(Path(settings.preset), cache)
+                        if Path(settings.preset).is_file() else None),
         "affine": settings.affine,
         "plot": bool(settings.plot),
     }
@@ -997,7 +1009,7 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
 
 def _run(args: argparse.Namespace) -> int:
     settings = Settings(
-        preset=args.preset,
+        preset=args.preset_file or args.preset,
         data_term=args.data_term,
         order=args.order,
         lam=args.lam,
@@ -1098,3 +1110,105 @@ def _main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+# --------------------------------------------------------------------------------------------
+# nadmm-tune
+# --------------------------------------------------------------------------------------------
+
+TUNE_PROG = "nadmm-tune"
+
+
+def build_tune_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=TUNE_PROG,
+        description=(
+            "Learn the solver's λ and θ per pyramid level for your images, by gradient descent "
+            "through the unrolled solver (nadmm_torch.tune), from a CSV of pairs; writes a "
+            "settings file that nadmm-register --preset-file, nadmm_torch.register(preset=...) "
+            "and NADMMRegistration load."
+        ),
+        epilog=(
+            "CSV columns: fixed,moving[,fixed_labels,moving_labels][,id] (relative paths are "
+            "taken from the CSV's folder). With labels the objective is soft Dice, without "
+            "it local NCC + smoothness. Pairs are held out for validation; the best settings "
+            "seen (the starting ones included) are kept."
+        ),
+    )
+    p.add_argument("--pairs", metavar="CSV", required=True, help="the pairs to tune on")
+    p.add_argument("-o", "--output", required=True, metavar="JSON", help="settings file")
+    p.add_argument("--preset", default="fast", help="starting preset (default fast)")
+    p.add_argument("--data-term", default="l2", choices=("l2", "l1"), help="default: l2")
+    p.add_argument("--order", type=int, default=2, help="regulariser order >= 1 (default 2)")
+    p.add_argument("--epochs", type=int, default=10, help="at most this many (default 10)")
+    p.add_argument("--lr", type=float, default=0.1, help="Adam step on log λ, log θ (0.1)")
+    p.add_argument("--val-pairs", type=int, default=None,
+                   help="pairs held out (default: a quarter when there are >= 3)")
+    p.add_argument("--patience", type=int, default=3, help="epochs without improvement (3)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
+    return p
+
+
+def _tune_pairs(csv_path: Path, log: _Log):
+    """The CSV's pairs as :class:`nadmm_torch.TunePair` (2D for one-slice volumes)."""
+    from .tuning import TunePair
+
+    out = []
+    for spec in read_pairs(csv_path):
+        x = _read_inputs(spec, log)
+        geo, sq = x.geometry, x.squeeze
+        kept = [i for i in range(geo.ndim) if i != sq]
+
+        def flat(t, sq=sq):
+            return t if t is None or sq is None else t.squeeze(2 + sq)
+
+        out.append(TunePair(flat(x.fixed), flat(x.moving),
+                            tuple(geo.array_spacing[i] for i in kept),
+                            flat(x.fixed_labels), flat(x.moving_labels), id=spec.id or ""))
+    return out
+
+
+def _tune_run(args: argparse.Namespace) -> int:
+    import nadmm_torch as nt
+
+    from .checks import resolve_device
+
+    log = _Log(args.quiet)
+    device = resolve_device(args.device)
+    pairs = _tune_pairs(Path(args.pairs), log)
+    for p in pairs:
+        for name in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            value = getattr(p, name)
+            if value is not None:
+                setattr(p, name, value.to(device))
+    log.info(f"tuning on {len(pairs)} pair(s) on {device}")
+    try:
+        result = nt.tune(pairs, preset=args.preset, data_term=args.data_term, order=args.order,
+                         val_pairs=args.val_pairs, epochs=args.epochs, lr=args.lr,
+                         patience=args.patience, progress=None if not args.quiet else False)
+    except (ValueError, TypeError) as exc:
+        raise CLIError(f"tuning: {_one_line(exc)}") from None
+    result.save(args.output)
+    log.out(f"validation score {result.val_start:.4f} -> {result.val_best:.4f} "
+            f"(epoch {result.best_epoch}), {result.time_s:.1f} s; settings: {args.output}")
+    return 0
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    """``nadmm-tune`` entry point; exit status 0 ok, 1 failure, 2 usage."""
+    try:
+        args = build_tune_parser().parse_args(argv)
+    except CLIError as exc:
+        print(f"{TUNE_PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        return _tune_run(args)
+    except CLIError as exc:
+        print(f"{TUNE_PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{TUNE_PROG}: error: interrupted; nothing written", file=sys.stderr)
+        return 130

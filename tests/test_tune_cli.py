@@ -1,0 +1,54 @@
+"""``nadmm-tune`` and ``nadmm-register --preset-file``: a settings file from the command line."""
+
+import json
+
+import torch
+
+from nadmm_torch.cli import main, tune_main
+from nadmm_torch.data.sample import load_sample
+from nadmm_torch.io import Geometry, write_image
+
+
+def _write_pairs(folder, n=3, labels=True):
+    s = load_sample()
+    geo = Geometry.default((64, 64), (1.5, 1.5))
+    rows = ["fixed,moving" + (",fixed_labels,moving_labels" if labels else "")]
+    for z in range(1, 1 + n):
+        crop = (slice(None), slice(None), z, slice(32, 96), slice(32, 96))
+        names = []
+        for key in ("fixed", "moving") + (("fixed_labels", "moving_labels") if labels else ()):
+            path = folder / f"{key}{z}.nii.gz"
+            write_image(getattr(s, key)[crop].contiguous(), geo, path)
+            names.append(path.name)
+        rows.append(",".join(names))
+    csv = folder / "pairs.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return csv
+
+
+def test_tune_writes_a_settings_file_that_register_loads(tmp_path, capsys):
+    csv = _write_pairs(tmp_path)
+    out = tmp_path / "tuned.json"
+    assert tune_main(["--pairs", str(csv), "-o", str(out), "--epochs", "1", "--val-pairs", "1",
+                      "--data-term", "l1", "-q"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["data_term"] == "l1" and len(doc["overrides"]["lam"]) == 3
+    fixed, moving = tmp_path / "fixed1.nii.gz", tmp_path / "moving1.nii.gz"
+    assert main([str(fixed), str(moving), "-o", str(tmp_path / "reg"), "--preset-file", str(out),
+                 "-q"]) == 0
+    summary = json.loads((tmp_path / "reg" / "summary.json").read_text())
+    assert summary["settings"]["preset"] == str(out)
+    assert "data_term" not in summary["settings"]  # the file's l1, not the CLI's default
+    import nadmm_torch as nt
+
+    d_file = nt.register(torch.zeros(1, 1, 8, 8).normal_(), torch.zeros(1, 1, 8, 8).normal_(),
+                         preset=str(out))
+    assert d_file.shape == (1, 2, 8, 8)
+
+
+def test_tune_reports_bad_input(tmp_path, capsys):
+    assert tune_main(["--pairs", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "t.json"),
+                      "-q"]) == 1
+    assert "nadmm-tune: error:" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+    assert tune_main(["-o", "x.json"]) == 2
