@@ -13,7 +13,7 @@ import torch
 
 import nadmm_torch as nt
 from nadmm_torch.data import load_sample
-from nadmm_torch.data.acdc import evaluate_pair, load_pair, read_pairs, split
+from nadmm_torch.data.acdc import evaluate_pair, load_pair, read_acdc_pairs, split
 from nadmm_torch.ops import solver
 from nadmm_torch.ops.solver import NORMALIZE_PERCENTILES, SolverConfig, normalise_pair
 
@@ -145,7 +145,7 @@ def test_hot_voxel_on_the_sample_pair_without_the_gradient_rule(mode, changes):
 
 @pytest.mark.skipif(not (DATA / "pairs.csv").is_file(), reason=f"ACDC data {DATA} is absent")
 def test_hot_voxel_changes_acdc_dice_by_less_than_0_005():
-    _, report = split(read_pairs(DATA))
+    _, report = split(read_acdc_pairs(DATA))
     deltas = []
     for pid in report[::5]:  # 4 report pairs, one per 5
         pair = load_pair(DATA, pid)
