@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -69,6 +70,12 @@ def register(
     registered: it gets the initial displacement (or zero), with a warning naming it.
     """
     fixed, moving, spacing = _tensors(fixed, moving, spacing)
+    if spacing is None and isinstance(fixed, Tensor) and fixed.dim() == 5:
+        warnings.warn(
+            "register: no spacing given for a 3D image: assuming 1 mm along every axis (the "
+            "regulariser and the pyramid use it); pass spacing=(sz, sy, sx) in mm",
+            UserWarning, stacklevel=2,
+        )
     if affine is not False:
         initial_displacement = _affine_start(fixed, moving, spacing, affine, initial_displacement)
     model = NADMMRegistration(
