@@ -8,6 +8,9 @@ Public API::
     affine(fixed, moving, *, spacing=None, similarity="ncc" | "mi", ...) -> A (B, ndim, ndim+1)
     affine_to_displacement(A, shape)
     warp_labels(labels, displacement)  (integer label maps, argmax of the warped one-hot)
+    apply(image, displacement=None, *, affine=None, labels=False)  (a saved transform;
+        io.read_displacement reads displacement.nii.gz)
+    invert(displacement, *, iterations=50, tolerance=1e-3)  (fixed-point inverse field)
     NADMMRegistration(preset="fast", *, data_term="l2", order=2, learnable=None, ...)
     tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
     metrics.dice / hausdorff_slices / jacobian_determinant / fold_percent
@@ -23,8 +26,10 @@ from . import losses, metrics
 from .api import affine, affine_to_displacement, register, warp, warp_labels
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
+from .ops.inverse import invert
 from .ops.solver import Diagnostics, SolverConfig
 from .presets import PRESETS, preset_config
+from .transforms import apply
 from .tuning import TunePair, load_settings, tune
 
 __version__ = "0.1.0"
@@ -46,6 +51,8 @@ __all__ = [
     "affine",
     "affine_to_displacement",
     "warp_labels",
+    "apply",
+    "invert",
     "metrics",
     "losses",
     "RegistrationLightningModule",
