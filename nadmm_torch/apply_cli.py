@@ -56,9 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file (format from extension)")
     p.add_argument("-r", "--reference", required=True,
                    help="fixed image: the output's grid (the grid the transform was made on)")
-    p.add_argument("-t", "--transform", help="ITK displacement field (displacement.nii.gz)")
-    p.add_argument("-a", "--affine", help="ITK affine transform (affine.tfm, ANTs .mat); with "
-                   "--transform it is applied after the displacement")
+    p.add_argument("-t", "--transform",
+                   help="ITK displacement field (displacement.nii.gz of nadmm-register: the "
+                   "whole registration, its --affine stage included)")
+    p.add_argument("-a", "--affine",
+                   help="ITK affine transform (affine.tfm, ANTs .mat). Alone: that affine. With "
+                   "--transform: the input is sampled at A(x + d(x)), displacement first "
+                   "(antsApplyTransforms -t DISP -t AFFINE); not for a displacement.nii.gz "
+                   "and affine.tfm of the same run, which would apply the affine twice")
     p.add_argument("--labels", action="store_true", help="the input is an integer label map")
     p.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     return p

@@ -30,6 +30,8 @@ What each combination means (``φ`` is the map whose pull-back is applied,
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -134,6 +136,15 @@ def apply(
     return warp(image, total, mode=mode)
 
 
+@contextmanager
+def _role(kind: str) -> Iterator[None]:
+    """Prefix the message of a read error with the file's role (``transform: no such …``)."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        raise type(exc)(f"{kind}: {exc}") from None
+
+
 def _dimension_check(kind: str, geometry: Any, target: Any) -> None:
     if geometry.ndim != target.ndim:
         raise ValueError(
@@ -181,12 +192,17 @@ def apply_file(
 
     if transform is None and affine is None:
         raise ValueError("apply_file: expected a transform, an affine or both, got neither")
-    target = io.Geometry.from_sitk(io._read_sitk(reference))
-    d = None
+    with _role("reference"):
+        target = io.Geometry.from_sitk(io._read_sitk(reference))
+    d = A = None
     if transform is not None:
-        d, target = io.read_displacement(transform, reference=target)
-    A = None if affine is None else io.itk_to_affine(affine, target)
-    image, geometry = (io.read_labels if labels else io.read_image)(moving)
+        with _role("transform"):
+            d, target = io.read_displacement(transform, reference=target)
+    if affine is not None:
+        with _role("affine"):
+            A = io.itk_to_affine(affine, target)
+    with _role("labels" if labels else "input"):
+        image, geometry = (io.read_labels if labels else io.read_image)(moving)
     _dimension_check(f"'{moving}'", geometry, target)
     resampled = not geometry.matches(target)
     if resampled:
