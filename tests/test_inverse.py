@@ -75,7 +75,24 @@ def test_inverse_of_zero_is_zero_exactly(shape, dtype):
 def test_inverse_of_a_translation_is_the_opposite_translation():
     d = torch.empty(1, 2, 10, 12, dtype=torch.float64)
     d[:, 0], d[:, 1] = 0.37, -1.6
-    assert torch.equal(invert(d), -d)
+    assert torch.equal(invert(d, step=1.0), -d)  # the plain iteration: exact in one step
+    e = invert(d)  # damped: the error halves each step, until the tolerance
+    assert float((e + d).abs().max()) <= 1e-3
+
+
+def test_damping_converges_where_the_plain_iteration_cannot():
+    """A local expansion by 2.6 along axis 0 (``∂d_0/∂x_0 = 1.6`` at the centre): the plain
+    iteration multiplies the error by ``−∇d`` (−1.6 there) and diverges; the damped one
+    (``step = 0.5``) by ``0.5 − 0.5 · 1.6 = −0.3``."""
+    shape = (24, 26)
+    x = identity_grid(shape, torch.float64, "cpu")
+    d = torch.zeros(1, 2, *shape, dtype=torch.float64)
+    d[0, 0] = 1.6 * (x[0] - 11.5) * torch.exp(-((x[1] - 12.5) / 6) ** 2)
+    interior = (..., slice(6, -6), slice(6, -6))
+    damped = inverse_residuals(d, invert(d, iterations=60, tolerance=0))[0]
+    plain = inverse_residuals(d, invert(d, iterations=60, tolerance=0, step=1.0))[0]
+    assert float(damped[interior].max()) < 1e-3
+    assert float(plain[interior].max()) > 0.5
 
 
 def test_batch_equals_one_by_one():
@@ -136,5 +153,9 @@ def test_invert_rejects_bad_input():
         invert(d, iterations=2.0)
     with pytest.raises(ValueError, match="tolerance"):
         invert(d, tolerance=float("nan"))
+    with pytest.raises(ValueError, match="step"):
+        invert(d, step=0.0)
+    with pytest.raises(ValueError, match="step"):
+        invert(d, step=1.5)
     with pytest.raises(ValueError, match="inverse"):
         inverse_residuals(d, torch.zeros(1, 2, 4, 5))

@@ -3,11 +3,17 @@
 A displacement ``d`` ``(B, ndim, *S)`` (voxel units, component ``i`` along axis ``i`` of ``S``)
 stands for the map ``φ = Id + d``. Its inverse is the displacement ``e`` on the same grid with
 ``φ ∘ (Id + e) = Id``, i.e. ``e(y) = −d(y + e(y))`` for every voxel ``y``: ``e`` is a fixed
-point of ``e ↦ −d ∘ (Id + e)``. Iterating that map from ``e = 0`` is the "fixed-point inverse"
-of Chen et al. (Med. Phys. 35(1), 2008), which ITK's ``InvertDisplacementFieldImageFilter``
-also uses. One iteration is one linear warp of ``d``; the error shrinks each iteration by the
-local Lipschitz constant of ``d`` (about ``max |∇d|``), so smooth fields of moderate stretch
-converge in a few tens of iterations.
+point of ``e ↦ −d ∘ (Id + e)`` (Chen et al., "A simple fixed-point approach to invert a
+deformation field", Med. Phys. 35(1), 2008; ITK's ``InvertDisplacementFieldImageFilter``).
+The equation at a voxel involves only ``e`` at that voxel, so every voxel converges on its own.
+
+Damping. The plain iteration ``e ← −d ∘ (Id + e)`` multiplies the error by ``−∇d``: it
+diverges wherever an eigenvalue of ``∇d`` has modulus ≥ 1 — on ACDC pairs the in-plane
+displacement changes by up to 5 voxels from one 10 mm slice to the next, and the plain
+iteration leaves a 99th-percentile residual of 2.4 voxels. :func:`invert` therefore takes
+damped steps ``e ← e − s (e + d ∘ (Id + e))`` (``s = 1`` is the plain iteration), which
+multiply the error by ``(1 − s) I − s ∇d``; the default ``s = 0.5`` (ITK's) converges for every
+real eigenvalue in ``(−1, 3)``, and ``λ > −1`` holds wherever ``det(I + ∇d) > 0``.
 
 Borders: ``d`` is evaluated with :func:`nadmm_torch.ops.warp.warp`, which extends it beyond
 the grid by its border values (border padding). Near the grid's edge, where ``y + e(y)`` leaves
@@ -49,19 +55,22 @@ def _check_displacement(displacement: object, name: str) -> Tensor:
     return displacement
 
 
-def invert(displacement: Tensor, *, iterations: int = 50, tolerance: float = 1e-3) -> Tensor:
+def invert(
+    displacement: Tensor, *, iterations: int = 50, tolerance: float = 1e-3, step: float = 0.5
+) -> Tensor:
     """The inverse displacement ``e`` of ``d``: ``(Id + d) ∘ (Id + e) ≈ Id``.
 
-    Fixed-point iteration ``e ← −d ∘ (Id + e)`` from ``e = 0`` (see the module docstring for
-    convergence and the border). Each sample of the batch stops on its own, once its largest
-    residual ``|e(y) + d(y + e(y))|`` over the grid is at most ``tolerance`` voxels (checked
-    before each update), so a batch gives what its samples give one by one.
+    Damped fixed-point iteration ``e ← e − step · (e + d ∘ (Id + e))`` from ``e = 0`` (module
+    docstring: convergence, border). Each sample of the batch stops on its own, once its
+    largest residual ``|e(y) + d(y + e(y))|`` over the grid is at most ``tolerance`` voxels
+    (checked before each update), so a batch gives what its samples give one by one.
 
     Args:
         displacement: ``d``, ``(B, ndim, *S)`` in voxel units, ``ndim`` 2 or 3.
         iterations: at most this many updates (≥ 0; each is one linear warp of ``d``).
         tolerance: largest residual norm (voxels) accepted as converged (≥ 0; 0 runs all
             ``iterations``).
+        step: damping ``s`` in ``(0, 1]``; 1 is the plain fixed point ``e ← −d ∘ (Id + e)``.
 
     Returns:
         ``e``, ``(B, ndim, *S)`` in voxel units on the same grid, dtype of ``d`` (half
@@ -72,24 +81,28 @@ def invert(displacement: Tensor, *, iterations: int = 50, tolerance: float = 1e-
         raise TypeError(f"iterations: expected an int, got {type(iterations).__name__}")
     if iterations < 0:
         raise ValueError(f"iterations: expected >= 0, got {iterations}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float):
-        raise TypeError(f"tolerance: expected a number, got {type(tolerance).__name__}")
+    for name, value in (("tolerance", tolerance), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
     if not tolerance >= 0:  # also rejects NaN
         raise ValueError(f"tolerance: expected a number >= 0, got {tolerance}")
+    if not 0 < step <= 1:
+        raise ValueError(f"step: expected a number in (0, 1], got {step}")
     if d.dtype in _LOW_PRECISION:
-        return invert(d.float(), iterations=iterations, tolerance=tolerance).to(d.dtype)
+        return invert(d.float(), iterations=iterations, tolerance=tolerance,
+                      step=step).to(d.dtype)
     batch = d.shape[0]
     view = (batch,) + (1,) * (d.dim() - 1)
     e = torch.zeros_like(d)
     done = torch.zeros(batch, dtype=torch.bool, device=d.device)
     for _ in range(iterations):
-        w = warp(d, e)  # d(y + e(y))
+        residual = e + warp(d, e)  # e(y) + d(y + e(y))
         with torch.no_grad():
-            worst = (e + w).norm(dim=1).flatten(1).amax(dim=1)  # (B,)
+            worst = residual.norm(dim=1).flatten(1).amax(dim=1)  # (B,)
             done = done | (worst <= tolerance)
         if bool(done.all()):
             break
-        e = torch.where(done.view(view), e, -w)
+        e = torch.where(done.view(view), e, e - step * residual)
     return e
 
 
