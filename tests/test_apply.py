@@ -409,3 +409,23 @@ def test_nadmm_apply_errors_are_one_line(tmp_path, capsys):
     assert rc == 0 and stdout == "" and err == ""
     np.testing.assert_array_equal(_array(out), _array(img))  # the zero field moves nothing
     assert _apply(capsys, "--help")[0] == 0
+
+
+def test_inverse_field_brings_the_warped_image_back(tmp_path, capsys):
+    """The inverse of nadmm-register's displacement (``nt.invert``), written as an ITK field
+    on the fixed grid and applied with the moving image as the reference, maps the warped image
+    back onto the moving image (how ``--inverse`` fields are meant to be used)."""
+    paths = _write(tmp_path)
+    out = tmp_path / "out"
+    _register(paths, out, capsys)
+    d, geo = read_displacement(out / "displacement.nii.gz")
+    write_image(displacement_to_itk(nt.invert(d), geo), None, tmp_path / "inverse.nii.gz")
+    rc, _, err = _apply(capsys, "-t", tmp_path / "inverse.nii.gz", "-r", paths["moving"],
+                        out / "warped.nii.gz", "-o", tmp_path / "back.nii.gz")
+    assert rc == 0, err
+    moving, warped = _array(paths["moving"]), _array(out / "warped.nii.gz")
+    back = _array(tmp_path / "back.nii.gz")
+    core = (slice(1, -1), slice(8, -8), slice(8, -8))
+    before = np.abs(warped - moving)[core].mean()
+    after = np.abs(back - moving)[core].mean()
+    assert after < 0.5 * before, (before, after)  # 0.080 -> 0.027 when written
