@@ -41,6 +41,10 @@ def __getattr__(name: str):
         from .lightning import RegistrationLightningModule
 
         return RegistrationLightningModule
+    if name == "io":  # nt.io without importing SimpleITK at package import
+        import importlib
+
+        return importlib.import_module(".io", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
