@@ -78,6 +78,16 @@ def total_displacement(
         raise ValueError("apply: expected a displacement, an affine or both, got neither")
     if affine is None:
         return displacement
+    if displacement is not None:
+        if not isinstance(displacement, Tensor):
+            raise TypeError(
+                f"displacement: expected a torch.Tensor, got {type(displacement).__name__}"
+            )
+        if displacement.dim() != ndim + 2 or tuple(displacement.shape[1:]) != (ndim, *shape):
+            raise ValueError(
+                f"displacement: expected (B, {ndim}, {', '.join(map(str, shape))}), got shape "
+                f"{tuple(displacement.shape)}"
+            )
     dtype = affine.dtype if displacement is None else torch.promote_types(
         displacement.dtype, affine.dtype
     )

@@ -89,6 +89,11 @@ def _apply(capsys, *argv) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def _rand(*shape: int) -> torch.Tensor:
+    """Uniform noise from a local generator (the global RNG state is left to other tests)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+
+
 def _array(path: Path) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
 
@@ -313,7 +318,7 @@ def test_apply_batches_labels_and_broadcast():
 
 
 def test_apply_rejects_bad_input():
-    image, d = torch.rand(1, 1, 8, 8), torch.zeros(1, 2, 8, 8)
+    image, d = _rand(1, 1, 8, 8), torch.zeros(1, 2, 8, 8)
     with pytest.raises(ValueError, match="neither"):
         nt.apply(image)
     with pytest.raises(TypeError, match="image"):
@@ -326,6 +331,11 @@ def test_apply_rejects_bad_input():
         nt.apply(image, torch.zeros(1, 2, 8, 9))
     with pytest.raises(TypeError, match="labels"):
         nt.apply(image, d, labels=True)
+    A = _small_affine(2)
+    with pytest.raises(ValueError, match="displacement"):
+        nt.apply(image, torch.zeros(1, 2, 8, 9), affine=A)
+    with pytest.raises(TypeError, match="displacement"):
+        nt.apply(image, d.numpy(), affine=A)
 
 
 # -- io.read_displacement ---------------------------------------------------------------------
@@ -364,7 +374,7 @@ def test_read_displacement_onto_another_reference_grid(tmp_path):
 def test_read_displacement_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         read_displacement(tmp_path / "nope.nii.gz")
-    write_image(torch.rand(1, 1, 4, 5, 6), Geometry.default((4, 5, 6)), tmp_path / "s.nii.gz")
+    write_image(_rand(1, 1, 4, 5, 6), Geometry.default((4, 5, 6)), tmp_path / "s.nii.gz")
     with pytest.raises(ValueError, match="not a displacement field"):
         read_displacement(tmp_path / "s.nii.gz")
     write_image(displacement_to_itk(torch.zeros(1, 3, 4, 5, 6), Geometry.default((4, 5, 6))),
@@ -381,8 +391,8 @@ def test_read_displacement_errors(tmp_path):
 def test_nadmm_apply_errors_are_one_line(tmp_path, capsys):
     geo = Geometry.default((4, 10, 12), (3.0, 1.0, 1.0))
     img, ref = tmp_path / "img.nii.gz", tmp_path / "ref.nii.gz"
-    write_image(torch.rand(1, 1, 4, 10, 12), geo, img)
-    write_image(torch.rand(1, 1, 4, 10, 12), geo, ref)
+    write_image(_rand(1, 1, 4, 10, 12), geo, img)
+    write_image(_rand(1, 1, 4, 10, 12), geo, ref)
     write_image(displacement_to_itk(torch.zeros(1, 3, 4, 10, 12), geo), None,
                 tmp_path / "d.nii.gz")
     out = tmp_path / "o.nii.gz"
