@@ -8,6 +8,9 @@ Public API::
     affine(fixed, moving, *, spacing=None, similarity="ncc" | "mi", ...) -> A (B, ndim, ndim+1)
     affine_to_displacement(A, shape)
     warp_labels(labels, displacement)  (integer label maps, argmax of the warped one-hot)
+    apply(image, displacement=None, *, affine=None, labels=False)  (a saved transform;
+        io.read_displacement reads displacement.nii.gz)
+    invert(displacement, *, iterations=50, tolerance=1e-3)  (fixed-point inverse field)
     NADMMRegistration(preset="fast", *, data_term=None, order=None, learnable=None, ...)
     SolverConfig.from_preset(preset="fast", data_term=None, order=None, **overrides)
     tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
@@ -25,7 +28,9 @@ from .api import affine, affine_to_displacement, register, warp, warp_labels
 from .config import PRESETS, SolverConfig, preset_config
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
+from .ops.inverse import invert
 from .ops.solver import Diagnostics
+from .transforms import apply
 from .tuning import TunePair, load_settings, tune
 
 __version__ = "0.1.0"
@@ -37,6 +42,10 @@ def __getattr__(name: str):
         from .lightning import RegistrationLightningModule
 
         return RegistrationLightningModule
+    if name == "io":  # nt.io without importing SimpleITK at package import
+        import importlib
+
+        return importlib.import_module(".io", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -47,6 +56,8 @@ __all__ = [
     "affine",
     "affine_to_displacement",
     "warp_labels",
+    "apply",
+    "invert",
     "metrics",
     "losses",
     "RegistrationLightningModule",

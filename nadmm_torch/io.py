@@ -47,6 +47,7 @@ __all__ = [
     "resample_to",
     "displacement_to_itk",
     "itk_to_displacement",
+    "read_displacement",
     "affine_to_itk",
     "itk_to_affine",
     "write_affine",
@@ -583,6 +584,99 @@ def itk_to_displacement(
     d_itk = np.einsum("jk,...k->j...", np.linalg.inv(own.index_to_physical), vectors)
     d = np.ascontiguousarray(d_itk[::-1], dtype=np.float32)
     return torch.from_numpy(d)[None]
+
+
+def _reference_geometry(reference: Geometry | sitk.Image | str | os.PathLike) -> Geometry:
+    if isinstance(reference, Geometry):
+        return reference
+    if isinstance(reference, sitk.Image):
+        return Geometry.from_sitk(reference)
+    if isinstance(reference, str | os.PathLike):
+        return Geometry.from_sitk(_read_sitk(reference))
+    raise TypeError(
+        "reference: expected a Geometry, a SimpleITK image or an image path, got "
+        f"{type(reference).__name__}"
+    )
+
+
+def _one_slice_field(field: sitk.Image, path: Path, reference: Geometry | None) -> sitk.Image:
+    """A one-slice 3D vector NIfTI, which ITK reads as a 2D image with 3 components, back on
+    the 3D one-slice ``reference`` grid (its in-plane grid must be the field's)."""
+    ref = reference
+    if ref is None or ref.ndim != 3 or ref.size[2] != 1:
+        raise ValueError(
+            f"'{path}' reads as a 2D field with 3 components (ITK reads a one-slice 3D vector "
+            "NIfTI as 2D): pass the fixed image as the reference, or use the displacement.mha "
+            "written beside it"
+        )
+    plane = Geometry(size=ref.size[:2], spacing=ref.spacing[:2], origin=ref.origin[:2],
+                     direction=tuple(ref.direction_matrix[:2, :2].ravel()))
+    if not Geometry.from_sitk(field).matches(plane):
+        raise ValueError(f"'{path}': the one-slice field's grid does not match the reference's")
+    vectors = sitk.GetArrayFromImage(field).astype(np.float64)[None]  # (1, Y, X, 3)
+    return ref.apply(sitk.GetImageFromArray(vectors, isVector=True))
+
+
+def read_displacement(
+    path: str | os.PathLike, reference: Geometry | sitk.Image | str | os.PathLike | None = None
+) -> tuple[Tensor, Geometry]:
+    """Read an ITK displacement field file as this package's displacement.
+
+    The file is a vector image of physical vectors (LPS mm) in ITK's convention
+    ``T(p) = p + v(p)``: ``displacement.nii.gz`` / ``.mha`` of ``nadmm-register`` (on the fixed
+    grid), an ANTs warp field, or any field ``sitk.DisplacementFieldTransform`` takes.
+
+    Args:
+        path: the field file (NIfTI, MetaImage, NRRD, …).
+        reference: the grid to express the field on — a :class:`Geometry`, a ``sitk.Image``
+            or the path of an image (normally the fixed image). Default: the field's own grid.
+            If it differs from the field's grid, the field is resampled onto it as ITK
+            evaluates a ``DisplacementFieldTransform`` (linear interpolation of the vectors,
+            zero displacement outside the field's extent).
+
+    Returns:
+        ``(displacement, geometry)``: float32 ``(1, ndim, *S)`` in voxel units of the
+        reference grid, component ``i`` along array axis ``i``, a pull-back
+        (``warp(moving, displacement)`` samples the moving image, on the same grid, at
+        ``x + d(x)``, as ``sitk.Resample(moving, reference, DisplacementFieldTransform(field))``
+        does); and that grid's :class:`Geometry`.
+
+    A one-slice 3D field stored as NIfTI reads as 2D with 3 components in ITK; with a
+    one-slice 3D ``reference`` on the same in-plane grid it is read back as 3D.
+
+    Raises:
+        FileNotFoundError: ``path`` (or a ``reference`` path) does not exist.
+        ValueError: unreadable or corrupt file, not a displacement field (components per voxel
+            differ from the dimension), a dimension other than the reference's.
+        TypeError: ``reference`` of another type.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: '{p}'")
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_data(p)
+    try:
+        field = sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise ValueError(f"cannot read '{p}': {sitk_error_reason(exc)}") from None
+    ref = None if reference is None else _reference_geometry(reference)
+    if field.GetDimension() == 2 and field.GetNumberOfComponentsPerPixel() == 3:
+        field = _one_slice_field(field, p, ref)
+    n = field.GetDimension()
+    if field.GetNumberOfComponentsPerPixel() != n:
+        raise ValueError(
+            f"'{p}' is not a displacement field: a {n}D field needs {n} components per voxel,"
+            f" got {field.GetNumberOfComponentsPerPixel()}"
+        )
+    if ref is not None and ref.ndim != n:
+        raise ValueError(f"'{p}' is a {n}D field but the reference grid is {ref.ndim}D")
+    if ref is not None and not Geometry.from_sitk(field).matches(ref):
+        field = sitk.Resample(
+            sitk.Cast(field, sitk.sitkVectorFloat64), ref.reference_image(), sitk.Transform(),
+            sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64,
+        )
+    geometry = Geometry.from_sitk(field)
+    return itk_to_displacement(field), geometry
 
 
 # --------------------------------------------------------------------------------------------
