@@ -18,6 +18,7 @@ from .checks import (
     LOW_PRECISION,
     check_affine_matrix,
     check_affine_options,
+    check_bool,
     check_choice,
     check_displacement,
     check_finite,
@@ -30,6 +31,7 @@ from .config import SolverConfig
 from .module import NADMMRegistration, prepare_pair
 from .ops import affine as _affine
 from .ops import warp as _warp
+from .ops.inverse import invert
 
 
 def register(
@@ -43,6 +45,7 @@ def register(
     initial_displacement: Tensor | None = None,
     affine: bool | Mapping = False,
     return_diagnostics: bool = False,
+    return_inverse: bool = False,
     compile: bool | str = False,
     **overrides,
 ):
@@ -60,6 +63,9 @@ def register(
     displacement; the result is one displacement that includes it. Not with
     ``initial_displacement``.
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
+    ``return_inverse``: also return the inverse displacement ``e`` on the same grid
+    (``(Id + d) ∘ (Id + e) ≈ Id``, by :func:`nadmm_torch.invert`): ``(d, e)``, or
+    ``(d, e, diagnostics)`` with ``return_diagnostics``.
     ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
     Runs without building an autograd graph unless an input requires grad.
 
@@ -85,14 +91,20 @@ def register(
     needs_grad = any(
         isinstance(x, Tensor) and x.requires_grad for x in (fixed, moving, initial_displacement)
     )
+    return_inverse = check_bool(return_inverse, "return_inverse")
     with torch.set_grad_enabled(needs_grad and torch.is_grad_enabled()):
-        return model(
+        out = model(
             fixed,
             moving,
             spacing=spacing,
             initial_displacement=initial_displacement,
             return_diagnostics=return_diagnostics,
         )
+        if not return_inverse:
+            return out
+        d, diag = out if return_diagnostics else (out, None)
+        inverse = invert(d)
+    return (d, inverse, diag) if return_diagnostics else (d, inverse)
 
 
 def _tensors(fixed, moving, spacing):

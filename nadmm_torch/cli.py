@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="align affinely first (nadmm_torch.affine), with ncc (default) or mi (mutual "
         "information, for differing contrasts); also writes affine.tfm (ITK transform)",
     )
+    p.add_argument(
+        "--inverse", action="store_true",
+        help="also write inverse_displacement.nii.gz (nadmm_torch.invert: maps moving-space "
+        "points to fixed space; apply it with nadmm-apply --reference moving ...)",
+    )
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--plot", action="store_true", help="also write registration.png")
     p.add_argument(
@@ -310,6 +315,7 @@ class Settings:
     plot: bool = False
     compile: bool | str = False
     affine: str | None = None
+    inverse: bool = False
 
     def solver_kwargs(self, execution: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``register``; ``execution=False`` leaves out how it runs
@@ -567,6 +573,8 @@ def _stage_outputs(staging, spec: PairSpec, inputs: _Inputs, result: _Result,
     _stage_image(staging, "jacobian_determinant.nii.gz", result.jacobian[:, None], geo)
     if result.affine is not None:
         staging.add("affine.tfm", lambda p: write_affine(result.affine, geo, p))
+    if settings.inverse:
+        _stage_inverse(staging, inputs, result)
     bar.update(1)
     if settings.plot:
         bar.set_postfix_str("plotting")
@@ -579,6 +587,27 @@ def _stage_outputs(staging, spec: PairSpec, inputs: _Inputs, result: _Result,
             title=f"{spec.moving.name} → {spec.fixed.name}",
         ))
     bar.update(1)
+
+
+def _stage_inverse(staging, inputs: _Inputs, result: _Result) -> None:
+    """``inverse_displacement.nii.gz`` (and ``.mha`` for a one-slice volume), with the inverse
+    consistency residuals (voxels) in the pair's metrics."""
+    import nadmm_torch as nt
+
+    from .io import displacement_to_itk
+    from .ops.inverse import inverse_residuals
+
+    inverse = nt.invert(result.displacement)
+    right, left = inverse_residuals(result.displacement, inverse)
+    for name, r in (("d_of_inverse", right), ("inverse_of_d", left)):  # (1, *S) norms
+        norm = r.flatten().double()
+        result.metrics[f"inverse_residual_{name}_mean"] = float(norm.mean())
+        result.metrics[f"inverse_residual_{name}_p99"] = float(norm.kthvalue(
+            max(1, round(0.99 * norm.numel()))).values)
+    field = displacement_to_itk(inverse, inputs.geometry)
+    _stage_image(staging, "inverse_displacement.nii.gz", field, None)
+    if inputs.squeeze is not None:
+        _stage_image(staging, "inverse_displacement.mha", field, None)
 
 
 def _summary(spec: PairSpec, inputs: _Inputs, result: _Result, settings: Settings, device,
@@ -838,6 +867,7 @@ def _resume_key(
         "preset_file": (_fingerprint(Path(settings.preset), cache)
                         if Path(settings.preset).is_file() else None),
         "affine": settings.affine,
+        "inverse": bool(settings.inverse),
         "plot": bool(settings.plot),
     }
     return json.loads(json.dumps(key))
@@ -1019,6 +1049,7 @@ def _run(args: argparse.Namespace) -> int:
         plot=args.plot,
         compile=args.compile,
         affine=args.affine,
+        inverse=args.inverse,
     )
     log = _Log(args.quiet)
     outdir = Path(args.outdir).expanduser()
