@@ -18,11 +18,11 @@ def crop():
 
 
 def test_from_preset_builds_the_preset_and_the_old_names_are_aliases():
-    cfg = SolverConfig.from_preset("paper", "l1", 3, tol_warp=0.1)
+    cfg = SolverConfig.from_preset("paper", "l1", 3, tol_warp=0.1, lam_scaling="none")
     assert (cfg.data_term, cfg.order, cfg.tol_warp) == ("l1", 3, 0.1)
     assert (cfg.lam, cfg.theta) == TUNED[("paper", "l1", 3)]
     assert cfg.iterations == PRESETS["paper"]["iterations"]
-    assert nt.preset_config("paper", "l1", 3, tol_warp=0.1) == cfg
+    assert nt.preset_config("paper", "l1", 3, tol_warp=0.1, lam_scaling="none") == cfg
     assert SolverConfig.from_preset() == SolverConfig.from_preset("fast", "l2", 2)
     assert SolverConfig.from_preset(cfg) is cfg  # a ready config passes through
 
