@@ -48,7 +48,7 @@ import torch
 
 import nadmm_torch as nt
 from nadmm_torch.atomic import atomic_write
-from nadmm_torch.data.acdc import evenly_spaced, load_pair, read_pairs, split
+from nadmm_torch.data.acdc import evenly_spaced, load_pair, read_acdc_pairs, split
 from nadmm_torch.io import Geometry, displacement_to_itk, itk_to_displacement
 from nadmm_torch.ops.diff import jacobian_determinant
 from nadmm_torch.ops.inverse import inverse_residuals
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
     methods = [m for m in METHODS if not (args.no_inverse_displacement_field
                                           and m == "sitk InverseDisplacementField")]
-    _, report = split(read_pairs(args.data))
+    _, report = split(read_acdc_pairs(args.data))
     ids = evenly_spaced(report, args.pairs)
     records: list[dict] = []
     for pid in ids:
