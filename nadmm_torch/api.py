@@ -47,6 +47,7 @@ def register(
     return_diagnostics: bool = False,
     return_inverse: bool = False,
     compile: bool | str = False,
+    mask: Tensor | None = None,
     **overrides,
 ):
     """Register ``moving`` to ``fixed``; returns the displacement ``(B, ndim, *S)`` (voxels).
@@ -66,6 +67,9 @@ def register(
     ``return_inverse``: also return the inverse displacement ``e`` on the same grid
     (``(Id + d) ∘ (Id + e) ≈ Id``, by :func:`nadmm_torch.invert`): ``(d, e)``, or
     ``(d, e, diagnostics)`` with ``return_diagnostics``.
+    ``mask``: ``(B or 1, 1, *S)`` fixed-image mask (bool) or weights of the data term: the
+    images are compared only where it is non-zero; elsewhere the regulariser alone carries
+    the field (see :func:`nadmm_torch.ops.solver.solve`).
     ``overrides``: any solver setting (``lam``, ``theta``, ``iterations``, ``warps``, ...).
     Runs without building an autograd graph unless an input requires grad.
 
@@ -99,6 +103,7 @@ def register(
             spacing=spacing,
             initial_displacement=initial_displacement,
             return_diagnostics=return_diagnostics,
+            mask=mask,
         )
         if not return_inverse:
             return out

@@ -456,3 +456,22 @@ def resolve_device(name: object) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {str(name)!r} requested but CUDA is not available")
     return device
+
+
+def check_weight_map(w: object, name: str, like: Tensor) -> Tensor:
+    """A ``(B or 1, 1, *S)`` map of non-negative weights (bool or floating) on ``like``'s grid
+    (``like``: ``(B, C, *S)``); returned in ``like``'s dtype."""
+    w = check_tensor(w, name)
+    shape = (like.shape[0], 1, *like.shape[2:])
+    if w.dim() != like.dim() or w.shape[1] != 1 or w.shape[2:] != like.shape[2:] or (
+        w.shape[0] not in (1, like.shape[0])
+    ):
+        raise ValueError(f"{name}: expected shape {shape} (or batch 1), got {tuple(w.shape)}")
+    if not (w.dtype == torch.bool or w.is_floating_point()):
+        raise TypeError(f"{name}: expected a bool or floating tensor, got {w.dtype}")
+    check_same_device(w, like.device, name, "the image")
+    w = w.to(like.dtype)
+    check_finite(w, name)
+    if bool((w < 0).any()):
+        raise ValueError(f"{name}: expected weights >= 0, got a minimum of {float(w.min())}")
+    return w

@@ -25,11 +25,12 @@ Cohort::
 
     nadmm-register --pairs pairs.csv -o OUTDIR
 
-with CSV columns ``fixed,moving[,fixed_labels,moving_labels][,id]`` (relative paths are taken
-from the CSV's folder; UTF-8, with or without Excel's byte-order mark) writes ``OUTDIR/<id>/``
-per pair, then ``OUTDIR/summary.csv`` and ``OUTDIR/summary.md``. Without an ``id`` column a
-pair's id is derived from its inputs (``<moving>_to_<fixed>_<hash of the paths>``), so
-inserting or reordering rows keeps every id. The whole CSV is checked before any pair runs.
+with CSV columns ``fixed,moving[,fixed_labels,moving_labels][,fixed_mask][,id]`` (relative
+paths are taken from the CSV's folder; UTF-8, with or without Excel's byte-order mark) writes
+``OUTDIR/<id>/`` per pair, then ``OUTDIR/summary.csv`` and ``OUTDIR/summary.md``. Without an
+``id`` column a pair's id is derived from its inputs (``<moving>_to_<fixed>_<hash of the
+paths>``), so inserting or reordering rows keeps every id. The whole CSV is checked before any
+pair runs.
 
 Resuming: a pair is skipped only if its ``summary.json`` records the same inputs (path, size
 and SHA-256 of each file), the same result-defining settings and the same ``--plot``, and all
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
             "displacement.nii.gz (ITK displacement field, LPS mm, for "
             "sitk.DisplacementFieldTransform / antsApplyTransforms), "
             "jacobian_determinant.nii.gz, registration.png (--plot), summary.json. "
-            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels][,id] "
+            "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels]"
+            "[,fixed_mask][,id] "
             "(ids default to <moving>_to_<fixed>_<hash of the paths>); a pair is skipped only if "
             "its stored result was made from the same input files (SHA-256) and settings, else "
             "it is registered again. Every output is verified after writing and the output set "
@@ -115,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-labels", metavar="LAB", help="label map of the moving image")
     p.add_argument(
         "--fixed-labels", metavar="LAB", help="label map of the fixed image (Dice is reported)"
+    )
+    p.add_argument(
+        "--fixed-mask", metavar="MASK",
+        help="mask of the fixed image: the images are compared only where it is nonzero "
+        "(elsewhere the regulariser carries the field)",
     )
     p.add_argument("--preset", default="fast",
                    help="solver preset: fast (default), paper (the paper's schedule), accurate, "
@@ -301,6 +308,7 @@ class PairSpec:
     fixed_labels: Path | None = None
     moving_labels: Path | None = None
     id: str | None = None
+    fixed_mask: Path | None = None  # weights the data term; nonzero voxels count
 
 
 @dataclass
@@ -446,6 +454,7 @@ class _Inputs:
     geometry: Any  # the fixed image's Geometry
     resampled: bool  # the moving image was resampled into the fixed grid
     squeeze: int | None  # the axis of a one-slice 3D file, registered in 2D
+    fixed_mask: Any = None  # (1, 1, *S) bool, or None
 
 
 @dataclass
@@ -477,8 +486,12 @@ def _read_inputs(spec: PairSpec, log: _Log) -> _Inputs:
         log.info("the images hold a single slice: registering in 2D")
     if any(n < 2 for i, n in enumerate(fgeo.shape) if i != squeeze):
         raise CLIError(f"the fixed image is too small to register ({fgeo.describe()})")
+    mask = None
+    if spec.fixed_mask is not None:
+        lab, geo = _read("fixed mask", spec.fixed_mask, labels=True)
+        mask = _onto_fixed("fixed mask", lab, geo, fgeo, log, label=True)[0] != 0
     return _Inputs(fixed, moving, labels.get("fixed labels"), labels.get("moving labels"),
-                   fgeo, resampled, squeeze)
+                   fgeo, resampled, squeeze, mask)
 
 
 def _solve(inputs: _Inputs, settings: Settings, device, bar):
@@ -495,6 +508,9 @@ def _solve(inputs: _Inputs, settings: Settings, device, bar):
         f_dev, m_dev = f_dev.squeeze(2 + squeeze), m_dev.squeeze(2 + squeeze)
     spacing = tuple(geo.array_spacing[i] for i in kept)
     kwargs = settings.solver_kwargs()
+    if inputs.fixed_mask is not None:
+        mask = inputs.fixed_mask.to(device)
+        kwargs["mask"] = mask.squeeze(2 + squeeze) if squeeze is not None else mask
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -817,6 +833,7 @@ def read_pairs(csv_path: Path) -> list[PairSpec]:
         if not row.get("fixed") or not row.get("moving"):
             raise CLIError(f"{where}: fixed and moving are required")
         spec = PairSpec(*(path(row.get(k, "")) for k in _INPUTS))
+        spec.fixed_mask = path(row.get("fixed_mask", ""))
         spec.id = row.get("id") or derived_id(spec)
         _check_id(spec.id, where)
         if spec.id.lower() in seen:
@@ -863,6 +880,7 @@ def _resume_key(
     cache = {} if cache is None else cache
     key = {
         "inputs": {k: _fingerprint(getattr(spec, k), cache) for k in _INPUTS},
+        "fixed_mask": _fingerprint(spec.fixed_mask, cache),
         "settings": settings.solver_kwargs(execution=False),
         "preset_file": (_fingerprint(Path(settings.preset), cache)
                         if Path(settings.preset).is_file() else None),
@@ -1065,8 +1083,10 @@ def _run(args: argparse.Namespace) -> int:
         moving=Path(args.moving).expanduser(),
         fixed_labels=Path(args.fixed_labels).expanduser() if args.fixed_labels else None,
         moving_labels=Path(args.moving_labels).expanduser() if args.moving_labels else None,
+        fixed_mask=Path(args.fixed_mask).expanduser() if args.fixed_mask else None,
     )
     for kind, p in (
+        ("fixed mask", spec.fixed_mask),
         ("fixed image", spec.fixed),
         ("moving image", spec.moving),
         ("fixed labels", spec.fixed_labels),

@@ -26,6 +26,7 @@ from .checks import (
     check_pair,
     check_pyramid_size,
     check_spacing,
+    check_weight_map,
 )
 from .config import FIELDS, SolverConfig
 from .ops.admm import nesterov_weights
@@ -293,6 +294,7 @@ class NADMMRegistration(nn.Module):
         spacing=None,
         initial_displacement: Tensor | None = None,
         return_diagnostics: bool = False,
+        mask: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Diagnostics]:
         return_diagnostics = check_bool(return_diagnostics, "return_diagnostics")
         for name, x in (("fixed", fixed), ("moving", moving)):
@@ -310,6 +312,8 @@ class NADMMRegistration(nn.Module):
             initial_displacement = check_displacement(
                 initial_displacement, "initial_displacement", like=fixed
             )
+        if mask is not None:
+            mask = check_weight_map(mask, "mask", fixed)
         self.check_hyperparameters()
         d, diag = solve(
             fixed,
@@ -320,6 +324,7 @@ class NADMMRegistration(nn.Module):
             checkpoint=self.checkpoint,
             compile=self.compile,
             diagnostics=return_diagnostics,
+            mask=mask,
             **self.hyperparameters(fixed.dtype, fixed.device),
         )
         return (d, diag) if return_diagnostics else d

@@ -381,6 +381,7 @@ def solve(
     checkpoint: bool = False,
     diagnostics: bool = False,
     compile: bool | str = False,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Diagnostics | None]:
     """Register ``moving`` to ``fixed``.
 
@@ -394,6 +395,10 @@ def solve(
         momentum: per level, ``None`` (Nesterov ``t_k``) or a ``(K_level,)`` tensor of ``a_k``.
         step_scale: per level, ``None`` or a ``(W_level,)`` tensor multiplying each velocity.
         checkpoint: recompute each warp's forward in the backward pass (less memory).
+        mask: ``(B or 1, 1, *S)`` non-negative weights of the data term on the fixed grid
+            (a fixed-image mask: 0 outside). ``m (g·u + c)²`` for l2 and ``m |g·u + c|`` for
+            l1 keep the v-step closed form: ``g`` and ``c`` are scaled by ``√m`` (l2) or ``m``
+            (l1). Area-averaged to each level. Where ``m = 0`` only the regulariser acts.
         diagnostics: also return a :class:`Diagnostics`.
         compile: ``torch.compile`` each linearisation step (warp, image gradient, the K ADMM
             iterations, composition): ``True`` or a mode from :data:`COMPILE_MODES`. The first
@@ -428,7 +433,7 @@ def solve(
         theta=config.per_level("theta") if theta is None else theta,
         momentum=momentum, step_scale=step_scale, keep=_frozen_mask(config, spacing, fixed),
         velocity=_velocity if mode is None else _compiled_velocity(mode),
-        checkpoint=checkpoint, diag=diag,
+        checkpoint=checkpoint, diag=diag, mask=mask,
     )  # fmt: skip
     factors = pyramid_factors(
         shape, spacing, config.levels, config.anisotropic_pyramid, config.min_level_size
@@ -461,6 +466,7 @@ class _Run:
     velocity: object
     checkpoint: bool
     diag: Diagnostics | None
+    mask: Tensor | None = None  # (B or 1, 1, *S) data-term weights
 
 
 def _prepared_images(
@@ -495,6 +501,7 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
     if config.lam_scaling == "gradient":  # λ relative to the pair's gradient energy here
         scale = gradient_scale(f_l, m_l, run.keep)
         f_l, m_l = f_l / scale, m_l / scale
+    weight = _data_weight(run, size)
     d = _level_start(run, d, size)
     admm_kwargs = _admm_settings(run, level, level_spacing)
     scales = _level_value(run.step_scale, level) if run.step_scale is not None else None
@@ -503,7 +510,7 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
         run.diag.start_level(size)
     for w in range(config.warps[level]):
         scale = scales[w] if scales is not None else None
-        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active)
+        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active, weight)
         if config.tol_warp is not None and not bool(active.any()):
             break
     return d
@@ -543,13 +550,24 @@ def _admm_settings(run: _Run, level: int, spacing: tuple[float, ...]) -> dict:
     )
 
 
-def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor):
+def _data_weight(run: _Run, size: tuple[int, ...]) -> Tensor | None:
+    """The mask at the level's ``size`` as the factor on ``g`` and ``c``: ``√m`` (l2), ``m``
+    (l1), so the data term is weighted by ``m`` (see :func:`solve`)."""
+    if run.mask is None:
+        return None
+    m = resize(run.mask, size, mode="area")
+    return m.sqrt() if run.config.data_term == "l2" else m
+
+
+def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor,
+                weight: Tensor | None = None):
     """One warp (linearisation) of a level; with ``tol_warp``, batch elements whose step fell
     under it keep their field and leave ``active``. Returns ``(d, active)``."""
     config = run.config
 
     def step(d_in: Tensor, f_in: Tensor, m_in: Tensor):
-        return _warp_step(d_in, f_in, m_in, admm_kwargs, scale, config, run.keep, run.velocity)
+        return _warp_step(d_in, f_in, m_in, admm_kwargs, scale, config, run.keep, run.velocity,
+                          weight)
 
     if run.checkpoint and torch.is_grad_enabled():
         d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
@@ -653,14 +671,17 @@ def _own_outputs(out):
     return u.clone(), info, (full.clone(), None if full_min is None else full_min.clone())
 
 
-def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool):
+def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool, weight=None):
     """Warp, linearise, ADMM for the velocity ``u``, and the full step ``compose(d, u)`` with,
-    for the safeguard, its minimum det J: everything of a warp step up to the host check."""
+    for the safeguard, its minimum det J: everything of a warp step up to the host check.
+    ``weight``: ``(B or 1, 1, *S)`` factor on ``g`` and ``c`` (the data term's mask)."""
     warped = warp(moving, d)
     g = spatial_gradient(warped)[:, 0]  # (B, ndim, *S), voxel units
     if mask is not None:  # frozen axes: no gradient along them, so no motion either
         g = g * mask
     c = warped - fixed
+    if weight is not None:
+        g, c = g * weight, c * weight
     u, info = nesterov_admm(g, c, **admm_kwargs)
     if scale is not None:
         u = u * scale
@@ -668,9 +689,10 @@ def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool)
     return u, info, full
 
 
-def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None, velocity=_velocity):
+def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None, velocity=_velocity,
+               weight=None):
     """One linearisation: warp, ADMM for the velocity, (safeguarded) composition."""
-    u, info, full = velocity(d, fixed, moving, admm_kwargs, scale, mask, config.safeguard)
+    u, info, full = velocity(d, fixed, moving, admm_kwargs, scale, mask, config.safeguard, weight)
     if config.safeguard:
         d_new, s = safeguarded_compose(d, u, config.min_jacobian, full=full)
     else:
