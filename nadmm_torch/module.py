@@ -25,7 +25,7 @@ from .checks import (
     check_module_device,
     check_pair,
     check_pyramid_size,
-    check_spacing,
+    check_spacing_rows,
     check_weight_map,
 )
 from .config import FIELDS, SolverConfig
@@ -161,8 +161,11 @@ class NADMMRegistration(nn.Module):
     Shapes:
         ``forward(fixed (B, 1, *S), moving (B, 1, *S), spacing=None, initial_displacement=None)``
         → displacement ``(B, ndim, *S)`` in voxel units (pull-back: ``moving(x + d(x))``
-        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``. Tensors only: TorchIO images go
-        through :func:`nadmm_torch.register` (or :func:`nadmm_torch.io.unpack_torchio_pair`).
+        matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``. ``spacing``: ``ndim`` numbers (mm,
+        order of ``S``) or one row per sample, ``(B, ndim)`` (samples whose spacings differ are
+        solved one by one). ``mask``: optional ``(B or 1, 1, *S)`` data-term weights. Tensors
+        only: TorchIO images go through :func:`nadmm_torch.register` (or
+        :func:`nadmm_torch.io.unpack_torchio_pair`).
 
     Policies (see :func:`nadmm_torch.ops.solver.solve`): the returned field is fold-free; a
     folding initial displacement is repaired with a warning, or refused above 50 % folded; a
@@ -306,7 +309,7 @@ class NADMMRegistration(nn.Module):
                 )
         check_module_device(fixed, self, "fixed")
         fixed, moving = prepare_pair(fixed, moving)
-        spacing = check_spacing(spacing, fixed.dim() - 2)
+        rows = check_spacing_rows(spacing, fixed.shape[0], fixed.dim() - 2)
         check_pyramid_size(fixed.shape[2:])
         if initial_displacement is not None:
             initial_displacement = check_displacement(
@@ -315,19 +318,25 @@ class NADMMRegistration(nn.Module):
         if mask is not None:
             mask = check_weight_map(mask, "mask", fixed)
         self.check_hyperparameters()
-        d, diag = solve(
-            fixed,
-            moving,
-            self._config,
-            spacing=spacing,
-            initial_displacement=initial_displacement,
-            checkpoint=self.checkpoint,
-            compile=self.compile,
-            diagnostics=return_diagnostics,
-            mask=mask,
-            **self.hyperparameters(fixed.dtype, fixed.device),
-        )
+        if any(r != rows[0] for r in rows):
+            if return_diagnostics:
+                raise ValueError("return_diagnostics: not with a different spacing per sample")
+            return torch.cat([self._solve(
+                fixed[i:i + 1], moving[i:i + 1], r,
+                None if initial_displacement is None else initial_displacement[i:i + 1],
+                None if mask is None else mask[min(i, mask.shape[0] - 1):][:1], False,
+            )[0] for i, r in enumerate(rows)])
+        d, diag = self._solve(fixed, moving, rows[0], initial_displacement, mask,
+                              return_diagnostics)
         return (d, diag) if return_diagnostics else d
+
+    def _solve(self, fixed, moving, spacing, initial, mask, diagnostics: bool):
+        """:func:`~nadmm_torch.ops.solver.solve` with this module's settings (one spacing)."""
+        return solve(
+            fixed, moving, self._config, spacing=spacing, initial_displacement=initial,
+            checkpoint=self.checkpoint, compile=self.compile, diagnostics=diagnostics,
+            mask=mask, **self.hyperparameters(fixed.dtype, fixed.device),
+        )
 
     def extra_repr(self) -> str:
         c = self._config

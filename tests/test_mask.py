@@ -80,3 +80,18 @@ def test_cli_fixed_mask(tmp_path):
     da = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "a" / "displacement.nii.gz")))
     db = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "b" / "displacement.nii.gz")))
     assert abs(da - db).max() > 1e-3  # the mask changed the result
+
+
+def test_per_sample_spacing_equals_one_by_one():
+    s = load_sample()
+    f = torch.cat([s.fixed[:, :, 2], s.fixed[:, :, 4]])
+    m = torch.cat([s.moving[:, :, 2], s.moving[:, :, 4]])
+    spacing = torch.tensor([[1.5, 1.5], [1.0, 2.0]])
+    d = nt.register(f, m, spacing=spacing)
+    for i in range(2):
+        torch.testing.assert_close(d[i:i + 1], nt.register(f[i:i + 1], m[i:i + 1],
+                                                           spacing=tuple(spacing[i].tolist())))
+    torch.testing.assert_close(nt.register(f, m, spacing=[[1.5, 1.5]]),
+                               nt.register(f, m, spacing=(1.5, 1.5)))
+    with pytest.raises(ValueError, match="^spacing: expected 2 numbers or one row per batch"):
+        nt.register(f, m, spacing=torch.ones(3, 2))
