@@ -324,6 +324,7 @@ class Settings:
     compile: bool | str = False
     affine: str | None = None
     inverse: bool = False
+    config: Any = None  # the validated SolverConfig (set by _check_settings)
 
     def solver_kwargs(self, execution: bool = True) -> dict[str, Any]:
         """The keyword arguments of ``register``; ``execution=False`` leaves out how it runs
@@ -344,12 +345,18 @@ class Settings:
 
 
 def _check_settings(settings: Settings) -> None:
-    """Fail early (before any image is read) on an unknown preset or solver option: the
-    settings are checked as ``register`` checks them, by building its module."""
+    """Fail early (before any image is read) on an unknown preset or solver option. The
+    settings are validated once, here, into ``settings.config``, which every pair then passes
+    to ``register`` as its ready preset."""
     import nadmm_torch as nt
 
+    kwargs = settings.solver_kwargs(execution=False)
     try:
-        nt.NADMMRegistration(**settings.solver_kwargs())
+        settings.config = nt.SolverConfig.from_preset(
+            kwargs.pop("preset"), kwargs.pop("data_term", None), kwargs.pop("order", None),
+            **kwargs,
+        )
+        nt.NADMMRegistration(settings.config, compile=settings.compile)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"registration settings: {_one_line(exc)}") from None
 
@@ -508,6 +515,9 @@ def _solve(inputs: _Inputs, settings: Settings, device, bar):
         f_dev, m_dev = f_dev.squeeze(2 + squeeze), m_dev.squeeze(2 + squeeze)
     spacing = tuple(geo.array_spacing[i] for i in kept)
     kwargs = settings.solver_kwargs()
+    if settings.config is not None:  # validated once already: pass it ready
+        kwargs = {"preset": settings.config, **({"compile": settings.compile}
+                                                if settings.compile is not False else {})}
     if inputs.fixed_mask is not None:
         mask = inputs.fixed_mask.to(device)
         kwargs["mask"] = mask.squeeze(2 + squeeze) if squeeze is not None else mask
