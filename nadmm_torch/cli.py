@@ -90,6 +90,53 @@ class _Parser(argparse.ArgumentParser):
         raise CLIError(f"{message} (see {self.prog} --help)")
 
 
+def _add_solver_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that define the registration (preset, data term, order, λ, θ, --set)."""
+    p.add_argument("--preset", default="fast",
+                   help="solver preset: fast (default), paper (the paper's schedule), accurate, "
+                   "or a settings file written by nadmm-tune")
+    p.add_argument("--preset-file", metavar="JSON",
+                   help="a settings file written by nadmm-tune / nadmm_torch.tune (replaces "
+                   "--preset); explicit settings below still win over the file's")
+    p.add_argument("--data-term", default=None, choices=("l2", "l1"),
+                   help="data term (default: l2, or the settings file's)")
+    p.add_argument("--order", type=int, default=None,
+                   help="regulariser order, an integer >= 1 (default: 2, or the settings file's)")
+    p.add_argument("--lambda", dest="lam", type=float,
+                   help="data-term weight λ (> 0; larger = less smoothing): one value replaces "
+                   "the preset's per-level λ (default: the preset's tuned values); θ is kept")
+    p.add_argument("--theta", type=float,
+                   help="ADMM penalty θ (> 0; smaller = smoother with capped iterations): one "
+                   "value replaces the preset's per-level θ (default: the preset's)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other solver setting (repeatable), e.g. --set iterations=5 --set "
+        "warps=3,3,0; keys: levels, iterations, warps, tol_admm, tol_warp, accelerated, "
+        "restart, restart_eta, safeguard, min_jacobian, boundary (neumann|periodic), normalize "
+        "(percentile|minmax|none), lam_scaling (gradient|none), anisotropic_pyramid, "
+        "min_level_size, frozen_axes",
+    )
+    p.add_argument(
+        "--affine",
+        nargs="?",
+        const="ncc",
+        default=None,
+        choices=("ncc", "mi"),
+        metavar="SIMILARITY",
+        help="align affinely first (nadmm_torch.affine), with ncc (default) or mi (mutual "
+        "information, for differing contrasts); also writes affine.tfm (ITK transform)",
+    )
+    p.add_argument(
+        "--inverse", action="store_true",
+        help="also write inverse_displacement.nii.gz (nadmm_torch.invert: maps moving-space "
+        "points to fixed space; apply it with nadmm-apply --reference moving ...)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog=PROG,
@@ -123,41 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mask of the fixed image: the images are compared only where it is nonzero "
         "(elsewhere the regulariser carries the field)",
     )
-    p.add_argument("--preset", default="fast",
-                   help="solver preset: fast (default), paper (the paper's schedule), accurate, "
-                   "or a settings file written by nadmm-tune")
-    p.add_argument("--preset-file", metavar="JSON",
-                   help="a settings file written by nadmm-tune / nadmm_torch.tune (replaces "
-                   "--preset); explicit settings below still win over the file's")
-    p.add_argument("--data-term", default=None, choices=("l2", "l1"),
-                   help="data term (default: l2, or the settings file's)")
-    p.add_argument("--order", type=int, default=None,
-                   help="regulariser order, an integer >= 1 (default: 2, or the settings file's)")
-    p.add_argument("--lambda", dest="lam", type=float, help="regularisation weight λ")
-    p.add_argument("--theta", type=float, help="ADMM penalty θ")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other solver setting, e.g. --set iterations=5 --set warps=3 (repeatable)",
-    )
-    p.add_argument(
-        "--affine",
-        nargs="?",
-        const="ncc",
-        default=None,
-        choices=("ncc", "mi"),
-        metavar="SIMILARITY",
-        help="align affinely first (nadmm_torch.affine), with ncc (default) or mi (mutual "
-        "information, for differing contrasts); also writes affine.tfm (ITK transform)",
-    )
-    p.add_argument(
-        "--inverse", action="store_true",
-        help="also write inverse_displacement.nii.gz (nadmm_torch.invert: maps moving-space "
-        "points to fixed space; apply it with nadmm-apply --reference moving ...)",
-    )
+    _add_solver_arguments(p)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--plot", action="store_true", help="also write registration.png")
     p.add_argument(

@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parent.parent / "nadmm_torch"
 HEAVY = ("torchio", "SimpleITK", "pytorch_lightning", "matplotlib")
 MAX_FUNCTION_LINES = 80
@@ -76,8 +74,6 @@ def test_core_functions_are_short():
     assert long == []
 
 
-@pytest.mark.xfail(strict=False, reason="the upper half (cli, lightning, io, ...) is split "
-                                        "in a separate change")
 def test_all_functions_are_short():
     long = [f for path in sorted(PACKAGE.rglob("*.py")) for f in _long_functions(path)]
     assert long == []
