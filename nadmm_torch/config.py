@@ -130,6 +130,8 @@ class SolverConfig:
     frozen_axes: tuple[int, ...] | str = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.normalize, bool):  # the old boolean form: True = the default scaling
+            object.__setattr__(self, "normalize", "percentile" if self.normalize else "none")
         for name in ("iterations", "warps"):
             value = getattr(self, name)
             per_level = (value,) * self.levels if isinstance(value, int) else tuple(value)
