@@ -110,7 +110,11 @@ def defaults(preset: str) -> dict:
     from nadmm_torch.presets import preset_config
 
     cfg = preset_config(preset, "l2", 2)
-    return dict(lam=tuple(cfg.lam), theta=tuple(cfg.theta))
+
+    def per_level(v):
+        return tuple(v) if isinstance(v, tuple) else (float(v),) * cfg.levels
+
+    return dict(lam=per_level(cfg.lam), theta=per_level(cfg.theta))
 
 
 def grid_settings(preset: str, lm: float, tm: float) -> dict:
