@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--folds", default=None, help="comma list of fold indices (default all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--grid-from", default=None,
+                    help="this script's JSON output whose grid (same pairs, preset, "
+                         "multipliers) to reuse instead of registering it again")
     ap.add_argument("--merge", default=None,
                     help="comma list of this script's JSON outputs (e.g. of --folds run in "
                          "parallel): join their folds into --json and print the table")
@@ -240,6 +243,18 @@ def _row(preset: str, held: str, method: str, entries: list[dict]) -> str:
     return f"| {preset} | {held} | {method} | {dice:.4f} | {folds_:.4f} | {t} | {chosen} |"
 
 
+def load_grid(path: Path, preset: str, needed: list) -> dict:
+    """A grid stored by :func:`run` (JSON keys back to ``(lm, tm)`` and pair tuples)."""
+    stored = json.loads(path.read_text())["grid"][preset]
+    grid = {tuple(float(v) for v in key.split(",")): {tuple(p.split("__to__")): tuple(v)
+                                                       for p, v in cell.items()}
+            for key, cell in stored.items()}
+    missing = [p for p in needed if any(p not in cell for cell in grid.values())]
+    if missing:
+        raise SystemExit(f"--grid-from: {path} lacks pairs {missing[:3]}")
+    return grid
+
+
 def run(stages: dict, ids: list[str], args, log=print) -> dict:
     """The whole comparison on cached stages ``{(moving, fixed): stage}``; the JSON document."""
     chosen = list(range(len(ids))) if args.folds is None else [int(i) for i in
@@ -248,8 +263,11 @@ def run(stages: dict, ids: list[str], args, log=print) -> dict:
     needed = sorted({p for f in all_folds for p in f["tune"] + f["test"]})
     results, grids = [], {}
     for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        grid = run_grid({p: stages[p] for p in needed}, preset, args.lam_mults,
-                        args.theta_mults, log)
+        if args.grid_from:
+            grid = load_grid(Path(args.grid_from), preset, needed)
+        else:
+            grid = run_grid({p: stages[p] for p in needed}, preset, args.lam_mults,
+                            args.theta_mults, log)
         grids[preset] = {f"{lm:.6g},{tm:.6g}": {"__to__".join(p): v for p, v in cell.items()}
                          for (lm, tm), cell in grid.items()}
         for fold in all_folds:

@@ -88,3 +88,10 @@ def test_brain2d_tune_runs_on_synthetic_subjects(tmp_path, capsys):
     # the tuned settings start from the defaults (epoch 0 of the history) and are per level
     assert fold["tuned"]["history"][0]["epoch"] == 0 and len(fold["tuned"]["lam"]) == 3
     assert "| fast | SUBJ-1 | tuned |" in capsys.readouterr().out
+    # a second run reusing that grid chooses and scores the same without registering it again
+    again = tmp_path / "again.json"
+    argv2 = list(argv)
+    argv2[argv2.index("--json") + 1] = str(again)
+    assert bt.main(argv2 + ["--grid-from", str(out)]) == 0
+    doc2 = json.loads(again.read_text())
+    assert doc2["folds"][0]["grid"] == fold["grid"] and doc2["grid"] == doc["grid"]
