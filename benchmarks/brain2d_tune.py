@@ -268,7 +268,7 @@ def run(stages: dict, ids: list[str], args, log=print) -> dict:
         else:
             grid = run_grid({p: stages[p] for p in needed}, preset, args.lam_mults,
                             args.theta_mults, log)
-        grids[preset] = {f"{lm:.6g},{tm:.6g}": {"__to__".join(p): v for p, v in cell.items()}
+        grids[preset] = {f"{lm!r},{tm!r}": {"__to__".join(p): v for p, v in cell.items()}
                          for (lm, tm), cell in grid.items()}
         for fold in all_folds:
             results.append(run_fold(fold, stages, grid, preset, args, log))

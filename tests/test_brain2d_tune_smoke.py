@@ -83,7 +83,7 @@ def test_brain2d_tune_runs_on_synthetic_subjects(tmp_path, capsys):
         [fold["grid"]["lam_mult"], fold["grid"]["theta_mult"]], rel=1e-5)
     test = [p for p in grid[best] if "SUBJ-1" in p]
     assert fold["grid"]["dice"] == np.mean([grid[best][p][0] for p in test])
-    assert fold["defaults"]["dice"] == np.mean([grid["1,1"][p][0] for p in test])
+    assert fold["defaults"]["dice"] == np.mean([grid["1.0,1.0"][p][0] for p in test])
     assert fold["grid"]["registrations"] == 4 * 2
     # the tuned settings start from the defaults (epoch 0 of the history) and are per level
     assert fold["tuned"]["history"][0]["epoch"] == 0 and len(fold["tuned"]["lam"]) == 3
