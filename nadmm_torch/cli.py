@@ -960,6 +960,18 @@ def _row(spec: PairSpec, status: str, summary: dict | None, message: str = "") -
     return row
 
 
+def _progress_line(k: int, n: int, row: dict) -> str:
+    """One line per pair for logs (no progress bar off a terminal)."""
+    parts = [f"[{k}/{n}] {row['id']}: {row['status']}"]
+    if row.get("dice_after"):
+        parts.append(f"Dice {row['dice_before'] or '?'} -> {row['dice_after']}")
+    if row.get("time_registration_s"):
+        parts.append(f"{row['time_registration_s']} s")
+    if row.get("message") and row["status"] != "done":
+        parts.append(row["message"])
+    return ", ".join(parts)
+
+
 def _mean_sd(values: list[float]) -> str:
     if not values:
         return "–"
@@ -1034,6 +1046,8 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
                 summary, why = _stored_result(target, key)
                 if summary is not None:
                     rows.append(_row(spec, "skipped", summary, "already done"))
+                    if bar.disable:
+                        log.info(_progress_line(len(rows), len(specs), rows[-1]))
                     continue
                 if (target / "summary.json").exists():
                     log.info(f"{spec.id}: {why}: registering again")
@@ -1049,6 +1063,8 @@ def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, forc
                 )
                 log.info(f"{spec.id}: failed: {msg}")
                 rows.append(_row(spec, "failed", None, msg))
+            if bar.disable:  # not on a terminal: a line per pair, for logs
+                log.info(_progress_line(len(rows), len(specs), rows[-1]))
     except KeyboardInterrupt:
         bar.close()
         _write_cohort_summary(outdir, rows, settings, device)

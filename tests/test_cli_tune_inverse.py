@@ -78,3 +78,14 @@ def test_register_returns_the_inverse():
     torch.testing.assert_close(d, nt.register(f, m, spacing=(1.5, 1.5)))
     right, _ = inverse_residuals(d, e)
     assert float(right.mean()) < 0.01 and float(d.abs().max()) > 0.5
+
+
+def test_cohort_prints_a_line_per_pair_off_a_terminal(tmp_path, capsys):
+    csv = _write_pairs(tmp_path, n=2)
+    assert main(["--pairs", str(csv), "-o", str(tmp_path / "cohort")]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "] " in ln and ": done" in ln]
+    assert len(lines) == 2 and lines[0].startswith("nadmm-register: [1/2] ")
+    assert "Dice" in lines[0] and " s" in lines[0]
+    assert main(["--pairs", str(csv), "-o", str(tmp_path / "cohort")]) == 0  # resumed
+    assert capsys.readouterr().err.count(": skipped") == 2
