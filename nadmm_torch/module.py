@@ -146,7 +146,9 @@ class NADMMRegistration(nn.Module):
         data_term: ``"l2"`` (default, or the settings file's) or ``"l1"``.
         order: regulariser order ``n ≥ 1`` (default 2, or the settings file's).
         learnable: ``None``/``False`` (classical solver), ``True``/``"all"``, or a subset of
-            ``{"lambda", "theta", "momentum", "step"}``.
+            ``{"lambda", "theta", "momentum", "step"}``. A level without warps (the finest
+            level of ``fast``) is never solved, so its entries get no gradient and keep their
+            starting values.
         schedule: ``"level"`` (one λ, θ per pyramid level) or ``"iteration"`` (one per ADMM
             iteration and level: untied schedules).
         checkpoint: gradient checkpointing per warp (recompute in backward; saves memory).
