@@ -110,7 +110,7 @@ def register(stage: dict, settings: dict) -> tuple[dict, float]:
 
 def defaults(preset: str) -> dict:
     """The preset's default λ, θ per level (l2, order 2, as ``register`` resolves them)."""
-    from nadmm_torch.presets import preset_config
+    from nadmm_torch.config import preset_config
 
     cfg = preset_config(preset, "l2", 2)
 
