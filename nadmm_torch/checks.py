@@ -177,15 +177,7 @@ def check_spacing(spacing: object, ndim: int) -> tuple[float, ...] | None:
 
 def check_displacement(d: object, name: str, like: Tensor | None = None) -> Tensor:
     """``(B, ndim, *S)`` floating and finite; matching ``like`` (an image) where given."""
-    d = check_tensor(d, name)
-    if d.dim() not in (4, 5) or d.shape[1] != d.dim() - 2:
-        raise ValueError(
-            f"{name}: expected a (B, ndim, *S) displacement with ndim = len(S) in (2, 3), "
-            f"got shape {tuple(d.shape)}"
-        )
-    check_nonempty(d, name)
-    if not d.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype, got {d.dtype}")
+    d = check_displacement_layout(d, name)
     if like is not None:
         if d.shape[0] != like.shape[0] or d.shape[2:] != like.shape[2:]:
             raise ValueError(

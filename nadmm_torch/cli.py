@@ -1276,7 +1276,7 @@ def _tune_run(args: argparse.Namespace) -> int:
     try:
         result = nt.tune(pairs, preset=args.preset, data_term=args.data_term, order=args.order,
                          val_pairs=args.val_pairs, epochs=args.epochs, lr=args.lr,
-                         patience=args.patience, progress=None if not args.quiet else False)
+                         patience=args.patience, progress=False if args.quiet else None)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"tuning: {_one_line(exc)}") from None
     result.save(args.output)

@@ -41,6 +41,7 @@ from .checks import (
 )
 from .ops.admm import DATA_TERMS
 from .ops.fourier import BOUNDARIES
+from .ops.solver import NORMALIZE_MODES
 
 PRESETS: dict[str, dict] = {
     "fast": dict(iterations=(5, 5, 5), warps=(7, 5, 0), tol_admm=None, tol_warp=None),
@@ -79,7 +80,6 @@ TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
 # ``lam_scaling="gradient"`` the images are divided by the pair's own RMS gradient, so the same
 # model on ACDC takes λ × RMS² (l2) or λ × RMS (l1): :func:`_preset_settings` converts.
 ACDC_GRADIENT_RMS = (0.1774, 0.1638, 0.1474)
-NORMALIZE_MODES = ("percentile", "minmax", "none")
 LAM_SCALINGS = ("gradient", "none")
 
 SETTINGS_FORMAT = "nadmm-torch-settings"
@@ -254,10 +254,11 @@ def _boundary(value: object, name: str) -> str:
     return value
 
 
-def _normalize(value: object, name: str) -> str:
-    """One of :data:`NORMALIZE_MODES`; ``True``/``False`` are aliases of percentile/none."""
+def _normalize(value: object, name: str) -> str | bool:
+    """One of :data:`NORMALIZE_MODES`, or ``True``/``False`` (aliases of percentile/none,
+    mapped by :class:`SolverConfig` itself)."""
     check_choice(value, name, (*NORMALIZE_MODES, True, False))
-    return value if isinstance(value, str) else ("percentile" if value else "none")
+    return value
 
 
 def _frozen_axes(value: object, name: str):

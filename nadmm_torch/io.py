@@ -554,6 +554,19 @@ def displacement_to_itk(displacement: Tensor | np.ndarray, geometry: Geometry) -
     return geometry.apply(field)
 
 
+def _read_field(p: Path) -> sitk.Image:
+    """A displacement-field file as a SimpleITK image; a truncated or NaN-holding NIfTI, a
+    missing or unreadable file raise, naming ``p``."""
+    if not p.is_file():
+        raise FileNotFoundError(f"no such file: '{p}'")
+    if p.name.lower().endswith((".nii", ".nii.gz")):
+        _check_nifti_data(p)
+    try:
+        return sitk.ReadImage(str(p))
+    except RuntimeError as exc:
+        raise ValueError(f"cannot read '{p}': {sitk_error_reason(exc)}") from None
+
+
 def itk_to_displacement(
     field: sitk.Image | str | os.PathLike, geometry: Geometry | None = None
 ) -> Tensor:
@@ -562,15 +575,7 @@ def itk_to_displacement(
     The field's own grid is used; if ``geometry`` is given it must match it.
     """
     if not isinstance(field, sitk.Image):
-        p = Path(field)
-        if not p.exists():
-            raise FileNotFoundError(f"no such file: '{p}'")
-        if p.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_data(p)
-        try:
-            field = sitk.ReadImage(str(p))
-        except RuntimeError as exc:
-            raise ValueError(f"cannot read '{p}': {sitk_error_reason(exc)}") from None
+        field = _read_field(Path(field))
     own = Geometry.from_sitk(field)
     if geometry is not None and not own.matches(geometry):
         raise ValueError("the displacement field's grid does not match the given geometry")
@@ -651,14 +656,7 @@ def read_displacement(
         TypeError: ``reference`` of another type.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no such file: '{p}'")
-    if p.name.lower().endswith((".nii", ".nii.gz")):
-        _check_nifti_data(p)
-    try:
-        field = sitk.ReadImage(str(p))
-    except RuntimeError as exc:
-        raise ValueError(f"cannot read '{p}': {sitk_error_reason(exc)}") from None
+    field = _read_field(p)
     ref = None if reference is None else _reference_geometry(reference)
     if field.GetDimension() == 2 and field.GetNumberOfComponentsPerPixel() == 3:
         field = _one_slice_field(field, p, ref)

@@ -326,7 +326,7 @@ class NADMMRegistration(nn.Module):
             return torch.cat([self._solve(
                 fixed[i:i + 1], moving[i:i + 1], r,
                 None if initial_displacement is None else initial_displacement[i:i + 1],
-                None if mask is None else mask[min(i, mask.shape[0] - 1):][:1], False,
+                mask if mask is None or mask.shape[0] == 1 else mask[i:i + 1], False,
             )[0] for i, r in enumerate(rows)])
         d, diag = self._solve(fixed, moving, rows[0], initial_displacement, mask,
                               return_diagnostics)

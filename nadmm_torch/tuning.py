@@ -95,15 +95,22 @@ def _remap(fixed_labels: Tensor, moving_labels: Tensor) -> tuple[Tensor, Tensor,
 class _Objective:
     """Training loss and validation score of one pair under the model's current settings."""
 
-    def __init__(self, smoothness: float, ncc_window: int) -> None:
+    def __init__(self, pairs: Sequence[TunePair], smoothness: float, ncc_window: int) -> None:
         self.ncc = NCCLoss(ncc_window)
         self.smooth = SmoothnessLoss()
         self.smoothness = smoothness
+        # Each labelled pair's remapped labels and scored ids, once (not per step and epoch).
+        self.labels: dict[int, tuple[Tensor, Tensor, int, list[int]]] = {}
+        for p in pairs:
+            if p.labelled:
+                f, m, k = _remap(p.fixed_labels, p.moving_labels)
+                both = set(torch.unique(f).tolist()) & set(torch.unique(m).tolist())
+                self.labels[id(p)] = (f, m, k, sorted(both - {0}))
 
     def loss(self, model: nn.Module, p: TunePair) -> Tensor:
         d = model(p.fixed, p.moving, spacing=p.spacing)
         if p.labelled:
-            f, m, k = _remap(p.fixed_labels, p.moving_labels)
+            f, m, k, _ = self.labels[id(p)]
             return DiceLoss(k)(warp_onehot(m, d, k), f)
         loss = self.ncc(warp(p.moving, d), p.fixed)
         return loss + self.smoothness * self.smooth(d, p.spacing)
@@ -114,8 +121,7 @@ class _Objective:
         if not p.labelled:
             return -float(self.loss(model, p))
         d = model(p.fixed, p.moving, spacing=p.spacing)
-        f, m, _ = _remap(p.fixed_labels, p.moving_labels)
-        present = sorted(set(torch.unique(f).tolist()) & set(torch.unique(m).tolist()) - {0})
+        f, m, _, present = self.labels[id(p)]
         if not present:
             return float("nan")
         return float(dice(warp_labels(m, d), f, labels=present).nanmean())
@@ -237,7 +243,7 @@ def tune(
     model = NADMMRegistration(preset, data_term=data_term, order=order, learnable=learnable,
                               **overrides)
     train, val = _split(pairs, val_pairs, seed)
-    objective = _Objective(smoothness, ncc_window)
+    objective = _Objective(pairs, smoothness, ncc_window)
     history, best_epoch = fit(model, train, val, objective.loss, objective.score, epochs=epochs,
                               lr=lr, patience=patience, seed=seed, progress=progress)
     settings = _settings(model, preset, data_term, order, overrides)
