@@ -237,3 +237,16 @@ def test_hot_voxel_on_the_sample_pair_with_the_defaults():
     clean = evaluate_pair(s, nt.register(s.fixed, s.moving, spacing=s.spacing))["dice"]
     hot = evaluate_pair(s, nt.register(s.fixed, _hot(s.moving), spacing=s.spacing))["dice"]
     assert abs(clean - hot) < 0.005, (clean, hot)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 201, 5000])
+def test_flat_quantiles_equal_kthvalue(n):
+    from nadmm_torch.ops.solver import _flat_quantiles
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randint(0, max(2, n // 3), (3, n), generator=g).float()  # ties included
+    qs = [0.0, 0.005, 0.3, 0.5, 0.995, 1.0]
+    got = _flat_quantiles(x, qs)
+    for q, value in zip(qs, got):
+        want = x.kthvalue(1 + round(q * (n - 1)), dim=1, keepdim=True).values
+        assert torch.equal(value, want), (q, value, want)

@@ -139,12 +139,23 @@ def frozen_axes(config: SolverSettings, spacing: Sequence[float]) -> tuple[int, 
 def _flat_quantiles(x: Tensor, qs: Sequence[float]) -> list[Tensor]:
     """Lower-rank quantiles ``qs`` (fractions in [0, 1]) of each row of ``x`` ``(B, N)``, each
     ``(B, 1)``. Rows longer than :data:`QUANTILE_SAMPLES` are evenly subsampled first (no size
-    limit, unlike ``torch.quantile``); ``kthvalue`` is differentiable (to the selected value)."""
+    limit, unlike ``torch.quantile``); differentiable (to the selected value).
+
+    The ``k``-th smallest value is the largest of the ``k`` smallest (or the smallest of the
+    ``n − k + 1`` largest): an unsorted ``topk`` of the shorter side, which for the tails asked
+    here (0.5 %, 99.5 %) takes half the time of ``kthvalue`` for the same value."""
     n = x.shape[1]
     if n > QUANTILE_SAMPLES:
         x = x[:, :: -(-n // QUANTILE_SAMPLES)]
         n = x.shape[1]
-    return [x.kthvalue(1 + round(q * (n - 1)), dim=1, keepdim=True).values for q in qs]
+    out = []
+    for q in qs:
+        k = 1 + round(q * (n - 1))
+        if k <= n - k + 1:
+            out.append(x.topk(k, dim=1, largest=False, sorted=False).values.amax(1, keepdim=True))
+        else:
+            out.append(x.topk(n - k + 1, dim=1, sorted=False).values.amin(1, keepdim=True))
+    return out
 
 
 def normalise_pair(
