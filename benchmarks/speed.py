@@ -6,6 +6,8 @@ Usage::
     python benchmarks/speed.py --json OUT.json [--device cpu|cuda] [--sizes acdc,paper]
         [--batch 1,4,16] [--presets fast,paper,accurate] [--repeats 5] [--threads N]
         [--data DIR] [--patient patient001] [--no-demons] [--compile [MODE]] [--interleave N]
+    python benchmarks/speed.py --dice-time N --presets fast,paper,accurate --json OUT.json
+        [--figure docs/dice_time.png] [--threads 2]
 
 Sizes: ``acdc`` is the ACDC protocol grid ``(Z, 128, 128)`` (spacing ``(s_z, 1.5, 1.5)``);
 ``paper`` is the paper's ``96 × 128 × 128`` grid: the same pair resampled to 1.5 mm isotropic
@@ -246,6 +248,76 @@ def interleaved(fixed, moving, spacing, size_name: str, rounds: int) -> dict:
                 ratio=fast_s / demons_s, times=times)
 
 
+def dice_time(data: str, presets: list[str], n_pairs: int) -> dict:
+    """Dice and time of each preset (l2, order 2) and of demons on ``n_pairs`` report-split ACDC
+    pairs, run interleaved: for each pair the methods in turn, so a slow phase of the machine
+    hits all of them (one warm-up call each first). Time ratios are per pair against demons,
+    then the median over pairs."""
+    from nadmm_torch.baselines import demons_register
+    from nadmm_torch.data.acdc import (
+        evaluate_pair,
+        evenly_spaced,
+        load_pair,
+        read_acdc_pairs,
+        split,
+    )
+
+    ids = evenly_spaced(split(read_acdc_pairs(data))[1], n_pairs)
+    pairs = [load_pair(data, p) for p in ids]
+    methods = {f"nadmm-{p}-l2-o2": (lambda q, p=p: nt.register(q.fixed, q.moving,
+                                                            spacing=q.spacing, preset=p))
+               for p in presets}
+    methods["demons"] = lambda q: demons_register(q.fixed, q.moving, q.spacing)
+    for fn in methods.values():
+        fn(pairs[0])
+    per: dict[str, list[dict]] = {m: [] for m in methods}
+    for q in pairs:
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            d = fn(q)
+            seconds = time.perf_counter() - t0
+            per[name].append(dict(patient=q.patient, seconds=seconds, **evaluate_pair(q, d)))
+    summary = {}
+    for name, recs in per.items():
+        ratios = [r["seconds"] / dm["seconds"] for r, dm in zip(recs, per["demons"])]
+        summary[name] = dict(
+            dice_mean=statistics.fmean(r["dice"] for r in recs),
+            seconds_median=statistics.median(r["seconds"] for r in recs),
+            demons_ratio=statistics.median(ratios),
+            folded_pairs=sum(r["fold_percent"] > 0 for r in recs),
+        )
+    return dict(patients=ids, summary=summary, pairs=per)
+
+
+def dice_time_figure(result: dict, path: str) -> None:
+    """Dice against time (× demons) of the presets and demons, one point each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
+    rows = sorted(result["summary"].items(), key=lambda kv: kv[1]["demons_ratio"])
+    ours = [(k, v) for k, v in rows if k.startswith("nadmm")]
+    ax.plot([v["demons_ratio"] for _, v in ours], [v["dice_mean"] for _, v in ours], "o-",
+            color="C0", label="nadmm-torch presets (l2, order 2)")
+    demons = result["summary"]["demons"]
+    ax.plot([demons["demons_ratio"]], [demons["dice_mean"]], "s", color="C3",
+            label="SimpleITK demons (tuned)")
+    for k, v in ours:
+        ax.annotate(k.split("-")[1], (v["demons_ratio"], v["dice_mean"]),
+                    textcoords="offset points", xytext=(4, -10), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("time per pair, × demons' (median over pairs, interleaved)")
+    ax.set_ylabel("mean Dice (RV, Myo, LV)")
+    ax.set_title(f"ACDC report split, {len(result['patients'])} pairs, CPU", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--json", required=True)
@@ -264,7 +336,13 @@ def main(argv: list[str] | None = None) -> int:
                     "report the ratio of their medians (drift cancels out)")
     ap.add_argument("--compile", nargs="?", const=True, default=False, metavar="MODE",
                     help="also time torch.compile'd runs (optional mode, e.g. reduce-overhead)")
+    ap.add_argument("--dice-time", type=int, default=0, metavar="N",
+                    help="only the Dice–time comparison: every --presets entry and demons on N "
+                    "report-split ACDC pairs, interleaved; with --figure, the plot")
+    ap.add_argument("--figure", default=None, help="PNG of the Dice–time comparison")
     args = ap.parse_args(argv)
+    if args.dice_time:
+        return _dice_time_main(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
     if args.threads:  # the same thread count for torch and for SimpleITK (demons)
@@ -367,6 +445,28 @@ def main(argv: list[str] | None = None) -> int:
                source=source, bandwidth_bytes_per_second=bw, date=time.strftime("%Y-%m-%d"),
                threads=torch.get_num_threads(), table=table)
     Path(args.json).write_text(json.dumps(doc, indent=1, default=list))
+    return 0
+
+
+def _dice_time_main(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        import SimpleITK as sitk
+
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
+    result = dice_time(args.data, args.presets.split(","), args.dice_time)
+    lines = ["| method | Dice | s / pair (median) | × demons (median of per-pair ratios) | "
+             "folded pairs |", "|---|---|---|---|---|"]
+    for name, v in result["summary"].items():
+        lines.append(f"| {name} | {v['dice_mean']:.4f} | {v['seconds_median']:.3f} | "
+                     f"{v['demons_ratio']:.2f} | {v['folded_pairs']} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.figure:
+        dice_time_figure(result, args.figure)
+    result.update(table=table, torch=torch.__version__, threads=torch.get_num_threads(),
+                  date=time.strftime("%Y-%m-%d"), device="cpu")
+    Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

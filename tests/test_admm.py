@@ -179,3 +179,26 @@ def test_in_place_loop_device_bookkeeping_equals_host_bookkeeping(data_term):
     u_dev, r_dev = _admm_in_place(*args, host=False)
     torch.testing.assert_close(u_dev, u_host, rtol=0, atol=1e-5 * float(u_host.abs().max()))
     assert torch.equal(r_dev, r_host) and int(r_host.sum()) > 0
+
+
+@pytest.mark.parametrize("data_term", ["l2", "l1"])
+def test_in_place_loop_with_pocketfft_equals_the_autograd_loop(data_term):
+    """A field with an axis >= POCKETFFT_MIN_AXIS takes scipy's DCT in the inference loop:
+    same numbers as the matrix transforms of the autograd loop, to float rounding."""
+    from nadmm_torch.ops.fourier import POCKETFFT_MIN_AXIS, dct_into, forward_transform
+
+    shape = (3, 10, POCKETFFT_MIN_AXIS + 4)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, *shape, generator=gen)
+    buffers = (torch.empty_like(x), torch.empty_like(x))
+    spec = dct_into(x, buffers)
+    torch.testing.assert_close(spec, forward_transform(x, "neumann"), rtol=0, atol=1e-5)
+    back = dct_into(spec.clone(), buffers, inverse=True)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-5)
+    g = torch.randn(2, 3, *shape, generator=gen)
+    c = torch.randn(2, 1, *shape, generator=gen)
+    kw = dict(lam=0.5, theta=0.05, iterations=10, spacing=(2.0, 1.0, 1.0), order=2,
+              data_term=data_term, restart=True)
+    fast, _ = nesterov_admm(g, c, **kw)
+    ref, _ = nesterov_admm(g, c, record=True, **kw)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-4 * float(ref.abs().max()))

@@ -22,10 +22,16 @@ import math
 from collections.abc import Sequence
 from functools import lru_cache
 
+import scipy.fft
 import torch
 from torch import Tensor
 
 BOUNDARIES = ("neumann", "periodic")
+# CPU fields with a spatial axis at least this long are transformed by scipy's pocketfft DCT
+# in the inference loop (:func:`dct_into`): O(N log N) per line instead of the dense matrix's
+# O(N²). Measured (one thread, (1, 3, 10, N, N)): 0.27 vs 0.34 ms at N = 32, 1.2 vs 1.3 ms at
+# 64, 8.2 vs 4.9 ms at 128, 112 vs 53 ms at 96 × 128 × 128 (matrix vs pocketfft).
+POCKETFFT_MIN_AXIS = 96
 
 
 @lru_cache(maxsize=64)
@@ -125,7 +131,11 @@ def inverse_transform(x: Tensor, shape: Sequence[int], boundary: str) -> Tensor:
 def dct_into(x: Tensor, buffers: tuple[Tensor, Tensor], inverse: bool = False) -> Tensor:
     """The Neumann :func:`forward_transform` (or, ``inverse``, :func:`inverse_transform`) of
     ``x`` written into two ping-pong ``buffers`` shaped like ``x`` (no allocation: the ADMM
-    inference loop); returns the buffer holding the result (``x`` itself if nothing to do)."""
+    inference loop); returns the buffer holding the result (``x`` itself if nothing to do).
+    Large CPU fields (an axis ≥ :data:`POCKETFFT_MIN_AXIS`) go through scipy's DCT: the same
+    transform to float rounding, in about half the time. No autograd (inference only)."""
+    if _pocketfft_pays(x):
+        return _pocketfft_into(x, buffers, inverse)
     out = x
     for dim in range(2, x.dim()):
         n = x.shape[dim]
@@ -134,6 +144,26 @@ def dct_into(x: Tensor, buffers: tuple[Tensor, Tensor], inverse: bool = False) -
             dst = buffers[0] if out is not buffers[0] else buffers[1]
             out = _along(out, m.T if inverse else m, dim, out=dst)
     return out
+
+
+def _pocketfft_pays(x: Tensor) -> bool:
+    return (
+        x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+        and max(x.shape[2:]) >= POCKETFFT_MIN_AXIS and not x.requires_grad
+    )
+
+
+def _pocketfft_into(x: Tensor, buffers: tuple[Tensor, Tensor], inverse: bool) -> Tensor:
+    """:func:`dct_into` by ``scipy.fft.dctn`` (``idctn``: the orthonormal DCT-III, ``Cᵀ``)."""
+    axes = [d for d in range(2, x.dim()) if x.shape[d] > 1]
+    if not axes:
+        return x
+    dst = buffers[0] if x is not buffers[0] else buffers[1]
+    transform = scipy.fft.idctn if inverse else scipy.fft.dctn
+    y = transform(x.contiguous().numpy(), type=2, norm="ortho", axes=axes,
+                  workers=torch.get_num_threads())
+    dst.copy_(torch.from_numpy(y))
+    return dst
 
 
 def regulariser_weights(spacing: Sequence[float], dtype: torch.dtype, device) -> Tensor:
