@@ -1,8 +1,9 @@
 """One-call functions: ``register``, ``affine``, ``warp`` and ``warp_labels`` (validated).
 
-``register`` also takes TorchIO images or a ``tio.Subject`` (unpacked here by
-:func:`nadmm_torch.io.unpack_torchio_pair`, imported only then): the core below it
-(:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``) sees tensors only.
+``register`` also takes TorchIO images or a ``tio.Subject``, and ``warp`` / ``warp_labels`` (and
+:func:`nadmm_torch.dice`) TorchIO images, unpacked here by :mod:`nadmm_torch.io` (imported, with
+TorchIO, only then): the core below (:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``)
+sees tensors only.
 """
 
 from __future__ import annotations
@@ -197,14 +198,29 @@ def affine_to_displacement(A: Tensor, shape: Sequence[int]) -> Tensor:
     return _affine.affine_to_displacement(A, tuple(shape))
 
 
-def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
+def warp(image, displacement: Tensor, mode: str = "bilinear"):
     """Pull-back warp ``image(x + d(x))`` with border padding.
 
-    ``image``: ``(B, C, *S)`` (integer label maps allowed with ``mode="nearest"``);
-    ``displacement``: ``(B, ndim, *S)`` voxel units. ``mode``: ``"bilinear"`` or ``"nearest"``.
-    Returns ``(B, C, *S)`` of the image's dtype (float16/bfloat16 images are sampled in float32).
+    ``image``: ``(B, C, *S)`` (integer label maps allowed with ``mode="nearest"``), or a TorchIO
+    image (``tio.ScalarImage``, or a ``tio.LabelMap`` with ``mode="nearest"``) on the grid of
+    the displacement; ``displacement``: ``(B, ndim, *S)`` voxel units (batch 1 for a TorchIO
+    image, array order as :func:`register` returns it). ``mode``: ``"bilinear"`` or
+    ``"nearest"``.
+
+    Returns ``(B, C, *S)`` of the image's dtype (float16/bfloat16 images are sampled in float32);
+    for a TorchIO image, a TorchIO image of the same class with its affine (data on the CPU,
+    float32 / int64), ready to save or to put back into a ``tio.Subject``.
     Any number of channels ``C``; images and displacements must be finite.
     """
+    source = image if _is_torchio(image) else None
+    if source is not None:
+        image = _torchio_tensor(image, "image", like=displacement)
+    out = _warp_tensor(image, displacement, mode)
+    return out if source is None else _as_torchio(out, source)
+
+
+def _warp_tensor(image: Tensor, displacement: Tensor, mode: str) -> Tensor:
+    """:func:`warp` of a tensor."""
     image = check_tensor(image, "image")
     check_choice(mode, "mode", ("bilinear", "nearest"))
     if image.dim() not in (4, 5):
@@ -228,16 +244,28 @@ def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
     return _warp.warp(image, displacement.to(image.dtype), mode)
 
 
-def warp_labels(labels: Tensor, displacement: Tensor) -> Tensor:
+def warp_labels(labels, displacement: Tensor):
     """Warp an integer label map: argmax of the linearly warped one-hot encoding.
 
     Smoother than nearest-neighbour warping (each voxel takes the label with the largest
     interpolated share). Only the labels present are encoded, a few at a time, so large ids
-    (FreeSurfer-style, e.g. 60000) cost no more memory than small ones.
+    (FreeSurfer-style, e.g. 60000) cost no more memory than small ones. This is the warp of
+    ``nadmm-register``'s ``warped_labels.nii.gz``, so Python and the CLI give the same labels.
 
-    ``labels``: ``(B, 1, *S)`` integer (or bool) label map; ``displacement``: ``(B, ndim, *S)``
-    voxel units, finite. Returns ``(B, 1, *S)`` of the labels' dtype.
+    ``labels``: ``(B, 1, *S)`` integer (or bool) label map, or a ``tio.LabelMap`` on the grid of
+    the displacement; ``displacement``: ``(B, ndim, *S)`` voxel units, finite (batch 1 for a
+    ``tio.LabelMap``). Returns ``(B, 1, *S)`` of the labels' dtype; for a ``tio.LabelMap``, a
+    ``tio.LabelMap`` with its affine (int64 data on the CPU).
     """
+    source = labels if _is_torchio(labels) else None
+    if source is not None:
+        labels = _torchio_tensor(labels, "labels", like=displacement, label=True)
+    out = _warp_labels_tensor(labels, displacement)
+    return out if source is None else _as_torchio(out, source)
+
+
+def _warp_labels_tensor(labels: Tensor, displacement: Tensor) -> Tensor:
+    """:func:`warp_labels` of a tensor."""
     labels = check_tensor(labels, "labels")
     if labels.dim() not in (4, 5) or labels.shape[1] != 1:
         raise ValueError(
@@ -254,3 +282,41 @@ def warp_labels(labels: Tensor, displacement: Tensor) -> Tensor:
     if displacement.dtype in LOW_PRECISION:
         displacement = displacement.float()
     return _warp.warp_labels(labels, displacement)
+
+
+# -- TorchIO images in and out (TorchIO and nadmm_torch.io imported only when one is given) --
+
+
+def _is_torchio(obj: object) -> bool:
+    """A TorchIO object, recognised without importing TorchIO."""
+    return not isinstance(obj, Tensor) and type(obj).__module__.split(".")[0] == "torchio"
+
+
+def _torchio_tensor(obj, name: str, like: object = None, label: bool = False) -> Tensor:
+    """A ``tio.Image`` as this package's ``(1, C, *S)`` tensor (array order, float32 for a
+    ``ScalarImage``, int64 for a ``LabelMap``; :func:`nadmm_torch.io.from_torchio`), on the
+    device of ``like`` where that is a tensor (TorchIO keeps its data on the CPU). ``label``:
+    only a ``tio.LabelMap`` is accepted."""
+    import torchio as tio
+
+    from .io import from_torchio
+
+    kind = "a tio.LabelMap" if label else "a tio.Image"
+    if not isinstance(obj, tio.Image):
+        raise TypeError(f"{name}: expected a tensor or {kind}, got {type(obj).__name__}")
+    if label and not isinstance(obj, tio.LabelMap):
+        raise TypeError(
+            f"{name}: expected an integer tensor or a tio.LabelMap, got a "
+            f"{type(obj).__name__}; load label maps as tio.LabelMap"
+        )
+    tensor, _ = from_torchio(obj)
+    return tensor.to(like.device) if isinstance(like, Tensor) else tensor
+
+
+def _as_torchio(tensor: Tensor, source):
+    """``tensor`` ``(1, C, *S)`` as a TorchIO image of ``source``'s kind, with its affine."""
+    import torchio as tio
+
+    from .io import to_torchio
+
+    return to_torchio(tensor, source.affine, label=isinstance(source, tio.LabelMap))
