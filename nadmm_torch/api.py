@@ -1,9 +1,8 @@
 """One-call functions: ``register``, ``affine``, ``warp`` and ``warp_labels`` (validated).
 
-``register`` also takes TorchIO images or a ``tio.Subject``, and ``warp`` / ``warp_labels`` (and
-:func:`nadmm_torch.dice`) TorchIO images, unpacked here by :mod:`nadmm_torch.io` (imported, with
-TorchIO, only then): the core below (:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``)
-sees tensors only.
+``register`` also takes TorchIO images or a ``tio.Subject``, and ``warp`` / ``warp_labels``
+TorchIO images, unpacked here by :mod:`nadmm_torch.io` (imported, with TorchIO, only then):
+the core below (:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``) sees tensors only.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ._torchio import as_torchio_like, is_torchio, torchio_tensor
 from .checks import (
     LOW_PRECISION,
     check_affine_matrix,
@@ -66,8 +66,14 @@ def register(
     ``initial_displacement``.
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
     ``return_inverse``: also return the inverse displacement ``e`` on the same grid
-    (``(Id + d) ∘ (Id + e) ≈ Id``, by :func:`nadmm_torch.invert`): ``(d, e)``, or
-    ``(d, e, diagnostics)`` with ``return_diagnostics``.
+    (``(Id + d) ∘ (Id + e) ≈ Id``): ``(d, e)``, or ``(d, e, diagnostics)`` with
+    ``return_diagnostics``. ``e`` is computed after the solve from the final ``d`` alone, by
+    :func:`nadmm_torch.invert` with its defaults (damped fixed-point iteration, at most 50
+    steps, until the largest residual ``|e + d ∘ (Id + e)|`` is at most 1e-3 voxel), not by
+    composing inverses of the solver's steps. On 10 ACDC pairs (``fast``) it reaches
+    ``|d ∘ e|`` 0.0003 voxel on average (below 1e-4 at the 99th percentile) and ``|e ∘ d|``
+    0.11 voxel on average (1.16 at the 99th percentile: linear interpolation of ``e`` between
+    10 mm slices), measured by ``benchmarks/inverse.py``.
     ``mask``: ``(B or 1, 1, *S)`` fixed-image mask (bool) or weights of the data term: the
     images are compared only where it is non-zero; elsewhere the regulariser alone carries
     the field (see :func:`nadmm_torch.ops.solver.solve`).
@@ -212,11 +218,11 @@ def warp(image, displacement: Tensor, mode: str = "bilinear"):
     float32 / int64), ready to save or to put back into a ``tio.Subject``.
     Any number of channels ``C``; images and displacements must be finite.
     """
-    source = image if _is_torchio(image) else None
+    source = image if is_torchio(image) else None
     if source is not None:
-        image = _torchio_tensor(image, "image", like=displacement)
+        image = torchio_tensor(image, "image", like=displacement)
     out = _warp_tensor(image, displacement, mode)
-    return out if source is None else _as_torchio(out, source)
+    return out if source is None else as_torchio_like(out, source)
 
 
 def _warp_tensor(image: Tensor, displacement: Tensor, mode: str) -> Tensor:
@@ -257,11 +263,11 @@ def warp_labels(labels, displacement: Tensor):
     ``tio.LabelMap``). Returns ``(B, 1, *S)`` of the labels' dtype; for a ``tio.LabelMap``, a
     ``tio.LabelMap`` with its affine (int64 data on the CPU).
     """
-    source = labels if _is_torchio(labels) else None
+    source = labels if is_torchio(labels) else None
     if source is not None:
-        labels = _torchio_tensor(labels, "labels", like=displacement, label=True)
+        labels = torchio_tensor(labels, "labels", like=displacement, label=True)
     out = _warp_labels_tensor(labels, displacement)
-    return out if source is None else _as_torchio(out, source)
+    return out if source is None else as_torchio_like(out, source)
 
 
 def _warp_labels_tensor(labels: Tensor, displacement: Tensor) -> Tensor:
@@ -283,40 +289,3 @@ def _warp_labels_tensor(labels: Tensor, displacement: Tensor) -> Tensor:
         displacement = displacement.float()
     return _warp.warp_labels(labels, displacement)
 
-
-# -- TorchIO images in and out (TorchIO and nadmm_torch.io imported only when one is given) --
-
-
-def _is_torchio(obj: object) -> bool:
-    """A TorchIO object, recognised without importing TorchIO."""
-    return not isinstance(obj, Tensor) and type(obj).__module__.split(".")[0] == "torchio"
-
-
-def _torchio_tensor(obj, name: str, like: object = None, label: bool = False) -> Tensor:
-    """A ``tio.Image`` as this package's ``(1, C, *S)`` tensor (array order, float32 for a
-    ``ScalarImage``, int64 for a ``LabelMap``; :func:`nadmm_torch.io.from_torchio`), on the
-    device of ``like`` where that is a tensor (TorchIO keeps its data on the CPU). ``label``:
-    only a ``tio.LabelMap`` is accepted."""
-    import torchio as tio
-
-    from .io import from_torchio
-
-    kind = "a tio.LabelMap" if label else "a tio.Image"
-    if not isinstance(obj, tio.Image):
-        raise TypeError(f"{name}: expected a tensor or {kind}, got {type(obj).__name__}")
-    if label and not isinstance(obj, tio.LabelMap):
-        raise TypeError(
-            f"{name}: expected an integer tensor or a tio.LabelMap, got a "
-            f"{type(obj).__name__}; load label maps as tio.LabelMap"
-        )
-    tensor, _ = from_torchio(obj)
-    return tensor.to(like.device) if isinstance(like, Tensor) else tensor
-
-
-def _as_torchio(tensor: Tensor, source):
-    """``tensor`` ``(1, C, *S)`` as a TorchIO image of ``source``'s kind, with its affine."""
-    import torchio as tio
-
-    from .io import to_torchio
-
-    return to_torchio(tensor, source.affine, label=isinstance(source, tio.LabelMap))

@@ -760,7 +760,7 @@ def _compile_notice(settings: Settings, inputs: _Inputs, device, log: _Log):
     if key in _COMPILED:
         return None
     log.info(f"compiling the solver for shape {'x'.join(map(str, shape))} on {device}; the "
-             "first call takes tens of seconds")
+             "first call takes tens of seconds to minutes")
     return key
 
 

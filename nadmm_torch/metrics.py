@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from ._torchio import is_torchio, torchio_tensor
 from .checks import (
     check_choice,
     check_displacement,
@@ -69,18 +70,15 @@ def dice(pred_labels, true_labels, labels: Sequence[int] = (1, 2, 3)) -> Tensor:
 
 
 def _label_tensors(pred: object, true: object) -> tuple[object, object]:
-    """``tio.LabelMap`` arguments as tensors (unpacked by :mod:`nadmm_torch.api`, which imports
-    TorchIO only then), on the device of a tensor given with them; anything else unchanged."""
+    """``tio.LabelMap`` arguments as tensors (:mod:`nadmm_torch._torchio`; TorchIO imported
+    only then), on the device of a tensor given with them; anything else unchanged."""
     if isinstance(pred, Tensor) and isinstance(true, Tensor):
         return pred, true
-    from .api import _is_torchio, _torchio_tensor
-
-    out = {"pred_labels": pred, "true_labels": true}
     like = pred if isinstance(pred, Tensor) else true
-    for name, x in out.items():
-        if _is_torchio(x):
-            out[name] = _torchio_tensor(x, name, like=like, label=True)
-    return out["pred_labels"], out["true_labels"]
+    out = []
+    for name, x in (("pred_labels", pred), ("true_labels", true)):
+        out.append(torchio_tensor(x, name, like=like, label=True) if is_torchio(x) else x)
+    return out[0], out[1]
 
 
 def _inplane_spacing(spacing: object) -> tuple[float, float]:
