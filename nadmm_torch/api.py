@@ -65,15 +65,12 @@ def register(
     displacement; the result is one displacement that includes it. Not with
     ``initial_displacement``.
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
-    ``return_inverse``: also return the inverse displacement ``e`` on the same grid
-    (``(Id + d) ∘ (Id + e) ≈ Id``): ``(d, e)``, or ``(d, e, diagnostics)`` with
-    ``return_diagnostics``. ``e`` is computed after the solve from the final ``d`` alone, by
-    :func:`nadmm_torch.invert` with its defaults (damped fixed-point iteration, at most 50
-    steps, until the largest residual ``|e + d ∘ (Id + e)|`` is at most 1e-3 voxel), not by
-    composing inverses of the solver's steps. On 10 ACDC pairs (``fast``) it reaches
-    ``|d ∘ e|`` 0.0003 voxel on average (below 1e-4 at the 99th percentile) and ``|e ∘ d|``
-    0.11 voxel on average (1.16 at the 99th percentile: linear interpolation of ``e`` between
-    10 mm slices), measured by ``benchmarks/inverse.py``.
+    ``return_inverse``: also return the inverse ``e`` on the same grid (``(Id + d) ∘ (Id + e) ≈
+    Id``): ``(d, e)``, or ``(d, e, diagnostics)``. ``e`` is computed after the solve from the
+    final ``d`` alone by :func:`nadmm_torch.invert` (damped fixed point, ≤ 50 steps, until the
+    largest residual is ≤ 1e-3 voxel), not by composing inverses of the solver's steps. On 10
+    ACDC pairs (``fast``, ``benchmarks/inverse.py``): ``|d ∘ e|`` 0.0003 voxel mean (< 1e-4 at
+    the 99th percentile), ``|e ∘ d|`` 0.11 mean / 1.16 p99 (interpolation between 10 mm slices).
     ``mask``: ``(B or 1, 1, *S)`` fixed-image mask (bool) or weights of the data term: the
     images are compared only where it is non-zero; elsewhere the regulariser alone carries
     the field (see :func:`nadmm_torch.ops.solver.solve`).
