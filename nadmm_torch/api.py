@@ -1,8 +1,8 @@
 """One-call functions: ``register``, ``affine``, ``warp`` and ``warp_labels`` (validated).
 
-``register`` also takes TorchIO images or a ``tio.Subject`` (unpacked here by
-:func:`nadmm_torch.io.unpack_torchio_pair`, imported only then): the core below it
-(:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``) sees tensors only.
+``register`` also takes TorchIO images or a ``tio.Subject``, and ``warp`` / ``warp_labels``
+TorchIO images, unpacked here by :mod:`nadmm_torch.io` (imported, with TorchIO, only then):
+the core below (:class:`~nadmm_torch.module.NADMMRegistration`, ``ops``) sees tensors only.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ._torchio import as_torchio_like, is_torchio, torchio_tensor
 from .checks import (
     LOW_PRECISION,
     check_affine_matrix,
@@ -64,9 +65,12 @@ def register(
     displacement; the result is one displacement that includes it. Not with
     ``initial_displacement``.
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
-    ``return_inverse``: also return the inverse displacement ``e`` on the same grid
-    (``(Id + d) ∘ (Id + e) ≈ Id``, by :func:`nadmm_torch.invert`): ``(d, e)``, or
-    ``(d, e, diagnostics)`` with ``return_diagnostics``.
+    ``return_inverse``: also return the inverse ``e`` on the same grid (``(Id + d) ∘ (Id + e) ≈
+    Id``): ``(d, e)``, or ``(d, e, diagnostics)``. ``e`` is computed after the solve from the
+    final ``d`` alone by :func:`nadmm_torch.invert` (damped fixed point, ≤ 50 steps, until the
+    largest residual is ≤ 1e-3 voxel), not by composing inverses of the solver's steps. On 10
+    ACDC pairs (``fast``, ``benchmarks/inverse.py``): ``|d ∘ e|`` 0.0003 voxel mean (< 1e-4 at
+    the 99th percentile), ``|e ∘ d|`` 0.11 mean / 1.16 p99 (interpolation between 10 mm slices).
     ``mask``: ``(B or 1, 1, *S)`` fixed-image mask (bool) or weights of the data term: the
     images are compared only where it is non-zero; elsewhere the regulariser alone carries
     the field (see :func:`nadmm_torch.ops.solver.solve`).
@@ -197,14 +201,29 @@ def affine_to_displacement(A: Tensor, shape: Sequence[int]) -> Tensor:
     return _affine.affine_to_displacement(A, tuple(shape))
 
 
-def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
+def warp(image, displacement: Tensor, mode: str = "bilinear"):
     """Pull-back warp ``image(x + d(x))`` with border padding.
 
-    ``image``: ``(B, C, *S)`` (integer label maps allowed with ``mode="nearest"``);
-    ``displacement``: ``(B, ndim, *S)`` voxel units. ``mode``: ``"bilinear"`` or ``"nearest"``.
-    Returns ``(B, C, *S)`` of the image's dtype (float16/bfloat16 images are sampled in float32).
+    ``image``: ``(B, C, *S)`` (integer label maps allowed with ``mode="nearest"``), or a TorchIO
+    image (``tio.ScalarImage``, or a ``tio.LabelMap`` with ``mode="nearest"``) on the grid of
+    the displacement; ``displacement``: ``(B, ndim, *S)`` voxel units (batch 1 for a TorchIO
+    image, array order as :func:`register` returns it). ``mode``: ``"bilinear"`` or
+    ``"nearest"``.
+
+    Returns ``(B, C, *S)`` of the image's dtype (float16/bfloat16 images are sampled in float32);
+    for a TorchIO image, a TorchIO image of the same class with its affine (data on the CPU,
+    float32 / int64), ready to save or to put back into a ``tio.Subject``.
     Any number of channels ``C``; images and displacements must be finite.
     """
+    source = image if is_torchio(image) else None
+    if source is not None:
+        image = torchio_tensor(image, "image", like=displacement)
+    out = _warp_tensor(image, displacement, mode)
+    return out if source is None else as_torchio_like(out, source)
+
+
+def _warp_tensor(image: Tensor, displacement: Tensor, mode: str) -> Tensor:
+    """:func:`warp` of a tensor."""
     image = check_tensor(image, "image")
     check_choice(mode, "mode", ("bilinear", "nearest"))
     if image.dim() not in (4, 5):
@@ -228,16 +247,28 @@ def warp(image: Tensor, displacement: Tensor, mode: str = "bilinear") -> Tensor:
     return _warp.warp(image, displacement.to(image.dtype), mode)
 
 
-def warp_labels(labels: Tensor, displacement: Tensor) -> Tensor:
+def warp_labels(labels, displacement: Tensor):
     """Warp an integer label map: argmax of the linearly warped one-hot encoding.
 
     Smoother than nearest-neighbour warping (each voxel takes the label with the largest
     interpolated share). Only the labels present are encoded, a few at a time, so large ids
-    (FreeSurfer-style, e.g. 60000) cost no more memory than small ones.
+    (FreeSurfer-style, e.g. 60000) cost no more memory than small ones. This is the warp of
+    ``nadmm-register``'s ``warped_labels.nii.gz``, so Python and the CLI give the same labels.
 
-    ``labels``: ``(B, 1, *S)`` integer (or bool) label map; ``displacement``: ``(B, ndim, *S)``
-    voxel units, finite. Returns ``(B, 1, *S)`` of the labels' dtype.
+    ``labels``: ``(B, 1, *S)`` integer (or bool) label map, or a ``tio.LabelMap`` on the grid of
+    the displacement; ``displacement``: ``(B, ndim, *S)`` voxel units, finite (batch 1 for a
+    ``tio.LabelMap``). Returns ``(B, 1, *S)`` of the labels' dtype; for a ``tio.LabelMap``, a
+    ``tio.LabelMap`` with its affine (int64 data on the CPU).
     """
+    source = labels if is_torchio(labels) else None
+    if source is not None:
+        labels = torchio_tensor(labels, "labels", like=displacement, label=True)
+    out = _warp_labels_tensor(labels, displacement)
+    return out if source is None else as_torchio_like(out, source)
+
+
+def _warp_labels_tensor(labels: Tensor, displacement: Tensor) -> Tensor:
+    """:func:`warp_labels` of a tensor."""
     labels = check_tensor(labels, "labels")
     if labels.dim() not in (4, 5) or labels.shape[1] != 1:
         raise ValueError(
@@ -254,3 +285,4 @@ def warp_labels(labels: Tensor, displacement: Tensor) -> Tensor:
     if displacement.dtype in LOW_PRECISION:
         displacement = displacement.float()
     return _warp.warp_labels(labels, displacement)
+

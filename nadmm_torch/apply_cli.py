@@ -32,20 +32,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._cli_common import Parser, UsageError, run_console
+
 PROG = "nadmm-apply"
 
 
-class UsageError(Exception):
-    """Bad command line (exit status 2)."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse hook: one line, no usage dump
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog=PROG,
         description="Apply a transform saved by nadmm-register (or any ITK displacement field "
         "/ affine) to an image or label map.",
@@ -104,34 +97,26 @@ def _check_not_twice(transform: Path, affine: Path) -> None:
         )
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    _check_usage(args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 failure, 2 usage, 130 Ctrl-C)."""
-    try:
-        args = build_parser().parse_args(argv)
-        _check_usage(args)
-    except UsageError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
+    return run_console(
+        PROG, lambda: _parse(argv), _run,
+        interrupted=lambda args: f"interrupted; '{args.output}' was not written",
+        failures=(OSError, RuntimeError, ValueError, TypeError), failure_type=False,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
     from .transforms import apply_file
 
-    try:
-        info = apply_file(args.input, args.output, args.reference, transform=args.transform,
-                          affine=args.affine, labels=args.labels)
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; '{args.output}' was not written", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print(f"{PROG}: error: out of memory", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, ValueError, TypeError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    info = apply_file(args.input, args.output, args.reference, transform=args.transform,
+                      affine=args.affine, labels=args.labels)
     if not args.quiet:
         how = " (input resampled into the reference grid first)" if info["resampled"] else ""
         kind = "labels" if args.labels else "image"

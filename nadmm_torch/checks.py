@@ -467,3 +467,13 @@ def check_weight_map(w: object, name: str, like: Tensor) -> Tensor:
     if bool((w < 0).any()):
         raise ValueError(f"{name}: expected weights >= 0, got a minimum of {float(w.min())}")
     return w
+
+
+def one_line(message: object) -> str:
+    """An error message (an exception or text) on one line, whitespace collapsed: for the
+    one-line errors of the command-line tools and of wrapped library errors. An exception
+    without a message gives its type's name."""
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        return type(message).__name__
+    return text

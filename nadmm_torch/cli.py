@@ -55,7 +55,6 @@ import math
 import os
 import platform
 import re
-import signal
 import sys
 import tempfile
 import threading
@@ -65,7 +64,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._cli_common import Parser as _Parser
+from ._cli_common import run_console
 from .atomic import Staging, clean_stale
+from .checks import one_line as _one_line
 
 PROG = "nadmm-register"
 # Every name a run may write into a pair's folder: a new run removes those it did not write.
@@ -83,11 +85,6 @@ _KNOWN_OUTPUTS = (
 
 class CLIError(Exception):
     """A user-facing error: printed as one line ``nadmm-register: error: ...``."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D401 - argparse hook
-        raise CLIError(f"{message} (see {self.prog} --help)")
 
 
 def _add_solver_arguments(p: argparse.ArgumentParser) -> None:
@@ -174,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("--plot", action="store_true", help="also write registration.png")
     p.add_argument(
+        "--plot-slice", type=_slice_index, metavar="N",
+        help="the slice of a 3D volume registration.png shows (0-based, along the first array "
+        "axis, Z; implies --plot): 0 to the number of slices - 1, checked once the fixed image "
+        "is read (default: the slice with the most fixed-label voxels, else the middle one)",
+    )
+    p.add_argument(
         "--compile",
         nargs="?",
         const=True,
@@ -223,8 +226,16 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+def _slice_index(text: str) -> int:
+    """``--plot-slice``: a non-negative integer (its upper bound is checked once the fixed image
+    is read, :func:`_check_plot_slice`)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a slice index (an integer >= 0), got {text!r}")
+    return value
 
 
 def _parse_value(text: str) -> Any:
@@ -334,6 +345,7 @@ class Settings:
     overrides: dict[str, Any] = field(default_factory=dict)
     device: str = "auto"
     plot: bool = False
+    plot_slice: int | None = None  # the slice registration.png shows (None: chosen by viz)
     compile: bool | str = False
     affine: str | None = None
     inverse: bool = False
@@ -623,7 +635,7 @@ def _stage_outputs(staging, spec: PairSpec, inputs: _Inputs, result: _Result,
             inputs.fixed, inputs.moving, result.warped, result.displacement,
             fixed_labels=inputs.fixed_labels, warped_labels=result.warped_labels,
             moving_labels=inputs.moving_labels, spacing=geo.array_spacing, path=p,
-            title=f"{spec.moving.name} → {spec.fixed.name}",
+            title=f"{spec.moving.name} → {spec.fixed.name}", slice_index=settings.plot_slice,
         ))
     bar.update(1)
 
@@ -688,9 +700,12 @@ def register_pair(
     try:
         bar.set_postfix_str("reading")
         inputs = _read_inputs(spec, log)
+        _check_plot_slice(settings, inputs)
         bar.update(1)
         bar.set_postfix_str(f"registering on {device}")
+        compiling = _compile_notice(settings, inputs, device, log)
         disp, A, seconds = _solve(inputs, settings, device, bar)
+        _compiled(compiling, seconds, log)
         bar.update(1)
         bar.set_postfix_str("warping")
         warped, wlab, detj, metrics = _score(inputs, disp, log)
@@ -715,6 +730,47 @@ def register_pair(
     finally:
         bar.close()
     return summary
+
+
+def _check_plot_slice(settings: Settings, inputs: _Inputs) -> None:
+    """``--plot-slice`` names a slice of the fixed image (checked before registering)."""
+    k, geo = settings.plot_slice, inputs.geometry
+    if k is None:
+        return
+    if geo.ndim == 2:
+        raise CLIError(f"--plot-slice {k}: the images are 2D ({geo.describe()}); there is no "
+                       "slice to choose")
+    if k >= geo.shape[0]:
+        raise CLIError(f"--plot-slice {k}: expected a slice index in 0..{geo.shape[0] - 1} (the "
+                       f"fixed image has {geo.shape[0]} slices along its first array axis, Z)")
+
+
+# (compile mode, device, registered shape) compiled in this process: torch.compile keeps its
+# compiled code per process, so only the first pair of each compiles.
+_COMPILED: set[tuple[str, str, tuple[int, ...]]] = set()
+
+
+def _compile_notice(settings: Settings, inputs: _Inputs, device, log: _Log):
+    """With ``--compile``, before the first registration of a shape: say that it compiles;
+    returns the key to pass to :func:`_compiled` after it (``None``: nothing to report)."""
+    if settings.compile is False:
+        return None
+    shape = tuple(n for i, n in enumerate(inputs.geometry.shape) if i != inputs.squeeze)
+    key = (str(settings.compile), str(device), shape)
+    if key in _COMPILED:
+        return None
+    log.info(f"compiling the solver for shape {'x'.join(map(str, shape))} on {device}; the "
+             "first call takes tens of seconds to minutes")
+    return key
+
+
+def _compiled(key, seconds: float, log: _Log) -> None:
+    """After the registration that compiled ``key``'s shape: how long it took."""
+    if key is None:
+        return
+    _COMPILED.add(key)
+    log.info(f"the first call for shape {'x'.join(map(str, key[2]))} took {seconds:.1f} s, "
+             "compilation included; later pairs of this shape reuse the compiled solver")
 
 
 def _full_affine(A, squeeze: int | None, ndim: int):
@@ -909,7 +965,8 @@ def _resume_key(
                         if Path(settings.preset).is_file() else None),
         "affine": settings.affine,
         "inverse": bool(settings.inverse),
-        "plot": bool(settings.plot),
+        "plot": bool(settings.plot) and (
+            {"slice": settings.plot_slice} if settings.plot_slice is not None else True),
     }
     return json.loads(json.dumps(key))
 
@@ -1103,7 +1160,8 @@ def _run(args: argparse.Namespace) -> int:
         theta=args.theta,
         overrides=_parse_overrides(args.overrides),
         device=args.device,
-        plot=args.plot,
+        plot=args.plot or args.plot_slice is not None,
+        plot_slice=args.plot_slice,
         compile=args.compile,
         affine=args.affine,
         inverse=args.inverse,
@@ -1149,53 +1207,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is: the pair in flight is discarded, the cohort summarised."""
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001 - signal handler signature
-    raise _Terminated
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit status (0 ok, 1 failure, 2 usage, 130 Ctrl-C,
-    143 SIGTERM)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except CLIError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:  # --help / --version
-        return int(exc.code or 0)
-    previous = None
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return _main(args)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except CLIError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except _Terminated:
-        print(f"{PROG}: error: terminated; the pair in flight left no outputs", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted; the pair in flight left no outputs", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print(f"{PROG}: error: out of memory", file=sys.stderr)
-        return 1
-    except (OSError, RuntimeError, ValueError) as exc:
-        print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    143 SIGTERM: the pair in flight is discarded, the cohort summarised)."""
+    return run_console(
+        PROG, lambda: build_parser().parse_args(argv), _run, expected=(CLIError,),
+        interrupted="interrupted; the pair in flight left no outputs",
+        terminated="terminated; the pair in flight left no outputs",
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover
@@ -1265,6 +1284,8 @@ def _tune_run(args: argparse.Namespace) -> int:
     from .checks import resolve_device
 
     log = _Log(args.quiet)
+    output = Path(args.output).expanduser()
+    _check_output_file(output, "the settings file")  # before the tuning, not after it
     device = resolve_device(args.device)
     pairs = _tune_pairs(Path(args.pairs), log)
     for p in pairs:
@@ -1279,26 +1300,35 @@ def _tune_run(args: argparse.Namespace) -> int:
                          patience=args.patience, progress=False if args.quiet else None)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"tuning: {_one_line(exc)}") from None
-    result.save(args.output)
+    try:
+        result.save(output)
+    except OSError as exc:
+        raise CLIError(
+            f"cannot write the settings file '{output}': {exc.strerror or _one_line(exc)}"
+        ) from None
     log.out(f"validation score {result.val_start:.4f} -> {result.val_best:.4f} "
-            f"(epoch {result.best_epoch}), {result.time_s:.1f} s; settings: {args.output}")
+            f"(epoch {result.best_epoch}), {result.time_s:.1f} s; settings: {output}")
     return 0
 
 
+def _check_output_file(path: Path, what: str) -> None:
+    """A file can be written at ``path``: its folder exists and is writable, and it is not a
+    folder itself (checked before long work, whose result would be lost otherwise)."""
+    folder = path.parent if str(path.parent) else Path(".")
+    problem = None
+    if path.is_dir():
+        problem = "it is a directory"
+    elif not folder.is_dir():
+        problem = f"no such folder '{folder}'"
+    elif not os.access(folder, os.W_OK | os.X_OK):
+        problem = f"the folder '{folder}' is not writable"
+    if problem:
+        raise CLIError(f"cannot write {what} '{path}': {problem}")
+
+
 def tune_main(argv: Sequence[str] | None = None) -> int:
-    """``nadmm-tune`` entry point; exit status 0 ok, 1 failure, 2 usage."""
-    try:
-        args = build_tune_parser().parse_args(argv)
-    except CLIError as exc:
-        print(f"{TUNE_PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    try:
-        return _tune_run(args)
-    except CLIError as exc:
-        print(f"{TUNE_PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{TUNE_PROG}: error: interrupted; nothing written", file=sys.stderr)
-        return 130
+    """``nadmm-tune`` entry point; exit status 0 ok, 1 failure, 2 usage, 130 Ctrl-C."""
+    return run_console(
+        TUNE_PROG, lambda: build_tune_parser().parse_args(argv), _tune_run,
+        expected=(CLIError,), interrupted="interrupted; nothing written",
+    )

@@ -125,6 +125,7 @@ def _plot(r: dict, out: Path) -> None:
         sample.fixed, sample.moving, nt.warp(sample.moving, r["displacement"]),
         r["displacement"], fixed_labels=sample.fixed_labels, warped_labels=r["warped_labels"],
         moving_labels=sample.moving_labels, spacing=sample.spacing, path=out,
+        label_names=dict(enumerate(STRUCTURES, start=1)),
         title=(
             f"nadmm_torch demo — ACDC {sample.patient} ES → ED, "
             f"Dice {r['before'].nanmean():.3f} → {r['after'].nanmean():.3f}"

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from .atomic import Staging, atomic_write
+from .checks import one_line as _one_line
 
 __all__ = [
     "Geometry",
@@ -253,10 +254,6 @@ def _check_nifti_data(p: Path) -> None:
             raise ValueError(
                 f"'{p}' contains non-finite values (NaN or Inf) in {bad} of {raw.size} voxels"
             )
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _read_sitk(path: str | os.PathLike) -> sitk.Image:

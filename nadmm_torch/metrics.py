@@ -18,6 +18,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from ._torchio import is_torchio, torchio_tensor
 from .checks import (
     check_choice,
     check_displacement,
@@ -38,18 +39,22 @@ def _check_label_pair(pred: object, true: object, pred_name: str, true_name: str
     check_same_shape(pred, true, pred_name, true_name)
 
 
-def dice(pred_labels: Tensor, true_labels: Tensor, labels: Sequence[int] = (1, 2, 3)) -> Tensor:
+def dice(pred_labels, true_labels, labels: Sequence[int] = (1, 2, 3)) -> Tensor:
     """Dice overlap ``2 |P ∩ T| / (|P| + |T|)`` per image and structure.
 
     Args:
-        pred_labels: ``(B, 1, *S)`` or ``(B, *S)`` integer label map.
-        true_labels: integer label map of the same shape.
+        pred_labels: ``(B, 1, *S)`` or ``(B, *S)`` integer label map, or a ``tio.LabelMap``
+            (read as ``(1, 1, *S)`` in array order, like :func:`nadmm_torch.register` reads
+            TorchIO images; it may be paired with a tensor in that layout).
+        true_labels: integer label map of the same shape, or a ``tio.LabelMap``.
         labels: the label values to score.
 
     Returns:
-        ``(B, len(labels))`` float64 on the input device. 0 where exactly one of the two masks
-        is empty, NaN where both are (undefined overlap).
+        ``(B, len(labels))`` float64 on the input device (a tensor's, where one is given with a
+        ``tio.LabelMap``). 0 where exactly one of the two masks is empty, NaN where both are
+        (undefined overlap).
     """
+    pred_labels, true_labels = _label_tensors(pred_labels, true_labels)
     _check_label_pair(pred_labels, true_labels, "pred_labels", "true_labels")
     labs = check_int_list(labels, "labels")
     p = pred_labels.reshape(pred_labels.shape[0], -1)
@@ -62,6 +67,18 @@ def dice(pred_labels: Tensor, true_labels: Tensor, labels: Sequence[int] = (1, 2
         d = torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.full_like(total, math.nan))
         out.append(d)
     return torch.stack(out, dim=1)
+
+
+def _label_tensors(pred: object, true: object) -> tuple[object, object]:
+    """``tio.LabelMap`` arguments as tensors (:mod:`nadmm_torch._torchio`; TorchIO imported
+    only then), on the device of a tensor given with them; anything else unchanged."""
+    if isinstance(pred, Tensor) and isinstance(true, Tensor):
+        return pred, true
+    like = pred if isinstance(pred, Tensor) else true
+    out = []
+    for name, x in (("pred_labels", pred), ("true_labels", true)):
+        out.append(torchio_tensor(x, name, like=like, label=True) if is_torchio(x) else x)
+    return out[0], out[1]
 
 
 def _inplane_spacing(spacing: object) -> tuple[float, float]:

@@ -4,20 +4,23 @@ Every function takes tensors or arrays in this package's conventions — images 
 or ``(*S)``, displacements ``(B, ndim, *S)`` or ``(ndim, *S)`` in voxel units, array order —
 and shows 2D images as they are and 3D volumes one slice along the first (slice) axis, with the
 in-plane displacement components. The building blocks draw onto a given ``Axes``;
-:func:`plot_registration` assembles one PNG panel.
+:func:`plot_registration` assembles one PNG panel, with a legend of the label contours (one
+colour per label value, the same in every panel; solid for the fixed labels, dashed for the
+moving / warped ones) and, for a volume, which slice is shown and why.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm, hsv_to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 __all__ = [
     "choose_slice",
@@ -32,6 +35,7 @@ __all__ = [
     "plot_jacobian",
     "plot_displacement",
     "plot_contours",
+    "label_colour",
     "plot_registration",
     "save_figure",
 ]
@@ -63,6 +67,12 @@ def _spatial_ndim(displacement) -> int:
     if d.ndim >= 3 and d.shape[0] == d.ndim - 1:
         return d.ndim - 1
     raise ValueError(f"displacement: expected (1, ndim, *S) or (ndim, *S), got shape {d.shape}")
+
+
+def label_colour(value: int) -> str:
+    """The contour colour of label ``value``: fixed by the value (1 red, 2 green, 3 blue, …,
+    cycling after six), so a label has one colour in every map, slice and figure."""
+    return _LABEL_COLOURS[(int(value) - 1) % len(_LABEL_COLOURS)]
 
 
 def choose_slice(volume, labels=None) -> int:
@@ -181,12 +191,11 @@ def plot_overlay(ax, a2d, b2d, window=None, aspect: float = 1.0, title: str | No
 
 
 def plot_contours(ax, labels2d, linestyle: str = "solid", linewidth: float = 0.9) -> None:
-    """Contour of every non-zero label of a 2D label map, one colour per label."""
+    """Contour of every non-zero label of a 2D label map, in its :func:`label_colour`."""
     lab = np.asarray(labels2d)
-    for k, value in enumerate(v for v in np.unique(lab) if v != 0):
-        mask = (lab == value).astype(float)
-        if mask.any():
-            ax.contour(mask, levels=[0.5], colors=[_LABEL_COLOURS[k % len(_LABEL_COLOURS)]],
+    for value in np.unique(lab):
+        if value != 0:
+            ax.contour((lab == value).astype(float), levels=[0.5], colors=[label_colour(value)],
                        linewidths=linewidth, linestyles=linestyle)
 
 
@@ -297,6 +306,52 @@ def _plot_images(axes, images, labels, window, aspect: float) -> None:
             plot_contours(ax, lab, "dashed")
 
 
+def _contour_legend(fig: Figure, labels, label_names: Mapping[int, str] | None) -> None:
+    """The figure's legend of the contours: one entry per label shown (its colour and name),
+    then the line styles (solid: fixed labels; dashed: moving / warped labels). ``labels``:
+    the shown slices of the fixed, moving and warped label maps (``None`` where not given)."""
+    if label_names is not None and not isinstance(label_names, Mapping):
+        raise TypeError(
+            f"label_names: expected a mapping of label value to name, got "
+            f"{type(label_names).__name__}"
+        )
+    if all(lab is None for lab in labels):
+        return
+    names = dict(label_names or {})
+    values = sorted({int(v) for lab in labels if lab is not None for v in np.unique(lab)} - {0})
+    handles = [Line2D([], [], color=label_colour(v), linewidth=2, label=names.get(v, f"label {v}"))
+               for v in values]
+    if labels[0] is not None:
+        handles.append(Line2D([], [], color="0.25", label="fixed labels (solid)"))
+    if any(lab is not None for lab in labels[1:]):
+        handles.append(Line2D([], [], color="0.25", linestyle="dashed",
+                              label="moving / warped labels (dashed)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8,
+               frameon=False, title="contours", title_fontsize=8)
+
+
+def _pick_slice(ndim: int, depth: int, fixed, fixed_labels, slice_index) -> tuple[int, str]:
+    """The slice of a volume to show and why (stated in the figure): ``slice_index`` if given
+    (checked: an integer in ``0 … depth − 1``; refused for 2D images), else
+    :func:`choose_slice`."""
+    if ndim == 2:
+        if slice_index is not None:
+            raise ValueError(f"slice_index: the images are 2D (no slice to choose), got "
+                             f"{slice_index!r}")
+        return 0, ""
+    if slice_index is not None:
+        if isinstance(slice_index, bool) or not isinstance(slice_index, (int, np.integer)):
+            raise TypeError(f"slice_index: expected an integer, got {slice_index!r}")
+        if not 0 <= slice_index < depth:
+            raise ValueError(f"slice_index: expected a slice index in 0..{depth - 1} (the volume "
+                             f"has {depth} slices along its first axis), got {slice_index}")
+        return int(slice_index), "as requested"
+    index = choose_slice(fixed, fixed_labels)
+    if fixed_labels is not None and (_array(fixed_labels) > 0).any():
+        return index, "the one with the most fixed-label voxels"
+    return index, "the middle one"
+
+
 def plot_registration(
     fixed,
     moving,
@@ -308,28 +363,33 @@ def plot_registration(
     *,
     spacing: Sequence[float] | None = None,
     slice_index: int | None = None,
+    label_names: Mapping[int, str] | None = None,
     path: str | os.PathLike | None = "registration.png",
     title: str | None = None,
     dpi: int = 100,
 ):
     """One panel summarising a registration (one slice of a 3D volume).
 
-    Top row: fixed, moving, warped (with label contours: fixed solid, moving/warped dashed),
-    checkerboards fixed|moving and fixed|warped. Bottom row: magenta/green overlays before and
-    after, the deformed grid, the det J map and the HSV-coded in-plane displacement.
+    Top row: fixed, moving, warped (with label contours: fixed solid, moving/warped dashed, one
+    colour per label value, see :func:`label_colour`), checkerboards fixed|moving and
+    fixed|warped. Bottom row: magenta/green overlays before and after, the deformed grid, the
+    det J map and the HSV-coded in-plane displacement. A legend below names the contours; the
+    title of a volume's figure says which slice is shown and why.
 
     Args:
         fixed, moving, warped: images ``(1, 1, *S)`` or ``(*S)``; ``moving`` on the fixed grid.
         displacement: ``(1, ndim, *S)`` voxel units.
         fixed_labels, warped_labels, moving_labels: optional label maps for contours.
         spacing: array-order spacing (sets the pixel aspect ratio and mm in the legend).
-        slice_index: slice (axis 0) of a 3D volume; default: most foreground of the fixed
-            labels, else the middle.
+        slice_index: slice (0-based, along axis 0) of a 3D volume, in ``0 … D − 1``; default:
+            the slice with the most fixed-label voxels, else the middle one. Not for 2D images.
+        label_names: names of label values for the legend (e.g. ``{1: "RV"}``; default
+            ``"label 1"``, …).
         path: PNG to write (atomically); ``None`` returns the ``Figure`` instead.
     """
     ndim = _spatial_ndim(displacement)
-    if slice_index is None:
-        slice_index = choose_slice(fixed, fixed_labels) if ndim == 3 else 0
+    depth = _array(displacement, ndim).shape[1]
+    slice_index, why = _pick_slice(ndim, depth, fixed, fixed_labels, slice_index)
     f2 = take_slice(fixed, slice_index, ndim)
     m2 = take_slice(moving, slice_index, ndim)
     w2 = take_slice(warped, slice_index, ndim)
@@ -340,12 +400,13 @@ def plot_registration(
     aspect = float(inplane[0] / inplane[1])
     window = _window(f2, m2, w2)
 
-    fig = Figure(figsize=(15, 6.4), layout="constrained")
+    fig = Figure(figsize=(15, 6.8), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 5)
     labels = [None if lab is None else take_slice(lab, slice_index, ndim)
               for lab in (fixed_labels, moving_labels, warped_labels)]
     _plot_images(axes[0, :3], (f2, m2, w2), labels, window, aspect)
+    _contour_legend(fig, labels, label_names)
     plot_checkerboard(axes[0, 3], f2, m2, window, aspect=aspect, title="fixed | moving")
     plot_checkerboard(axes[0, 4], f2, w2, window, aspect=aspect, title="fixed | warped")
     plot_overlay(axes[1, 0], f2, m2, window, aspect, "before (fixed magenta, moving green)")
@@ -360,7 +421,7 @@ def plot_registration(
                       spacing=inplane if spacing is not None else None)
     heading = title or "registration"
     if ndim == 3:
-        heading += f" — slice {slice_index} of {detj.shape[0]}"
+        heading += f" — slice {slice_index} of {depth} (0-based, first axis): {why}"
     fig.suptitle(heading, fontsize=11)
     if path is None:
         return fig
