@@ -983,8 +983,9 @@ def _stored_result(target: Path, key: dict[str, Any]) -> tuple[dict | None, str]
     stored = summary.get("resume_key") if isinstance(summary, dict) else None
     if not isinstance(stored, dict):
         return None, "the stored result does not record what it was made from"
-    if stored.get("settings") != key["settings"] or stored.get("plot") != key["plot"]:
-        return None, "the settings differ from the stored result's"
+    differ = [k for k in key if k != "inputs" and stored.get(k) != key[k]]
+    if differ:  # settings, plot, affine, inverse, the mask's or settings file's content
+        return None, f"{', '.join(differ)} differ(s) from the stored result's"
     old = stored.get("inputs") or {}
     changed = [k for k in _INPUTS if old.get(k) != key["inputs"][k]]
     if changed:

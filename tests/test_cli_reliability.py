@@ -19,6 +19,7 @@ import pytest
 
 import nadmm_torch
 from nadmm_torch import cli
+from nadmm_torch.config import SETTINGS_FORMAT
 from tests.test_cli import _assert_one_line_error, _cohort, _known_field, _run, _write_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -302,3 +303,28 @@ def test_sigterm_handler_is_restored(tmp_path, monkeypatch, capsys):
     assert cli.main([str(paths["fixed"]), str(paths["moving"]), "-o", str(tmp_path / "o"),
                      "-q"]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_cohort_resume_redoes_pairs_when_inverse_or_settings_file_changes(tmp_path, monkeypatch,
+                                                                          capsys):
+    """Every field of the resume key counts: asking for the inverse, or a settings file whose
+    content changed, re-registers instead of reusing results made without them."""
+    calls = []
+    monkeypatch.setattr(nadmm_torch, "register", _counting(calls))
+    folder = tmp_path / "p0"
+    folder.mkdir()
+    _write_pair(folder)
+    _pairs_csv(tmp_path, [folder])
+    out = tmp_path / "cohort"
+    settings = tmp_path / "tuned.json"
+    settings.write_text(json.dumps({"format": SETTINGS_FORMAT, "version": 1, "preset": "fast",
+                                    "data_term": "l2", "order": 2, "overrides": {}}))
+    run = ["--pairs", tmp_path / "pairs.csv", "-o", out, "--preset-file", settings]
+    assert _run(run, capsys)[0] == 0 and len(calls) == 1
+    assert _run(run, capsys)[0] == 0 and len(calls) == 1  # unchanged: skipped
+    rc, _, err = _run(run + ["--inverse"], capsys)
+    assert rc == 0 and len(calls) == 2 and "inverse" in err
+    doc = json.loads(settings.read_text())
+    settings.write_text(json.dumps(doc, indent=2))  # same values, other bytes
+    rc, _, err = _run(run + ["--inverse"], capsys)
+    assert rc == 0 and len(calls) == 3 and "preset_file" in err
