@@ -111,8 +111,10 @@ class SolverConfig:
     descriptors of the images, :func:`nadmm_torch.ops.features.mind_ssc`: for pairs whose
     intensities do not correspond, e.g. two MRI contrasts; needs ``data_term="l2"``). The
     preset's λ is kept: with ``lam_scaling="gradient"`` it is relative to the pair's gradient
-    energy summed over the channels, and on brain2d it transfers to the descriptors
-    (``benchmarks/multimodal.py``).
+    energy summed over the channels, so it means the same for descriptors as for intensities.
+    Measured on brain2d (``benchmarks/multimodal.py``): MIND's Dice moves by 0.013 over λ/16
+    … 4λ, and the preset's λ is within 0.008 of the best of that sweep (λ/16); no separate
+    rule for features is needed.
     """
 
     data_term: str = "l2"

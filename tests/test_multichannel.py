@@ -379,3 +379,44 @@ def test_features_option_reaches_the_solver_from_the_cli(tmp_path, monkeypatch, 
     rc, _, err = _run([paths["fixed"], paths["moving"], "-o", tmp_path / "x", "--features",
                        "sift"], capsys)
     assert rc != 0 and "--features" in err
+
+
+def test_multimodal_benchmark_runs_on_synthetic_subjects(tmp_path, capsys):
+    """``benchmarks/multimodal.py`` end to end on two synthetic subjects (2 ordered pairs),
+    so the script cannot rot between the runs that fill its README table."""
+    pytest.importorskip("ants")
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from .test_brain2d_smoke import _subject
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multimodal.py"
+    spec = importlib.util.spec_from_file_location("multimodal", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    data = tmp_path / "data"
+    for n, shift in ((1, 0.0), (2, 2.0)):
+        _subject(data, n, shift)
+    out = tmp_path / "m.json"
+    argv = ["--data", str(data), "--json", str(out), "--cache", str(tmp_path / "cache"),
+            "--presets", "fast", "--lam-mults", "1/4"]
+    assert module.main(argv) == 0
+    doc = json.loads(out.read_text())
+    methods = {(r["remap"], r["method"], r["lam_mult"]) for r in doc["pairs"]}
+    assert ("inverted", "fast-mind", 1.0) in methods and ("mono", "fast-none", 0.25) in methods
+    assert len(doc["pairs"]) == 2 * (1 + 3 * 2 + 3)  # affine, 3 remaps × 2, λ sweep
+    assert "| fast, l2 on MIND-SSC |" in capsys.readouterr().out
+
+
+def test_state_dict_records_the_features_and_older_records_mean_none():
+    import json
+
+    saved = nt.NADMMRegistration("fast").state_dict()
+    doc = json.loads(bytes(saved["_extra_state"].tolist()).decode())
+    assert doc["settings"]["features"] == "none"
+    del doc["settings"]["features"]  # a record written before the option existed
+    saved["_extra_state"] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+    nt.NADMMRegistration("fast").load_state_dict(saved)
+    with pytest.raises(ValueError, match=r"features: saved 'none', this module 'mind'"):
+        nt.NADMMRegistration("fast", features="mind").load_state_dict(saved)
