@@ -11,6 +11,8 @@ Public API::
     apply(image, displacement=None, *, affine=None, labels=False)  (a saved transform;
         io.read_displacement reads displacement.nii.gz)
     invert(displacement, *, iterations=50, tolerance=1e-3)  (fixed-point inverse field)
+    mind_ssc(image, radius=2, dilation=2)  (MIND-SSC descriptors; register(..., features="mind")
+        registers them: multi-modal pairs)
     NADMMRegistration(preset="fast", *, data_term=None, order=None, learnable=None, ...)
     SolverConfig.from_preset(preset="fast", data_term=None, order=None, **overrides)
     tune(pairs, *, preset="fast", ...) -> TuneResult; load_settings(path)
@@ -28,6 +30,7 @@ from .api import affine, affine_to_displacement, register, warp, warp_labels
 from .config import PRESETS, SolverConfig, preset_config
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
 from .module import NADMMRegistration
+from .ops.features import mind_ssc
 from .ops.inverse import invert
 from .ops.solver import Diagnostics
 from .transforms import apply
@@ -58,6 +61,7 @@ __all__ = [
     "warp_labels",
     "apply",
     "invert",
+    "mind_ssc",
     "metrics",
     "losses",
     "RegistrationLightningModule",

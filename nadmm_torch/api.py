@@ -53,8 +53,11 @@ def register(
 ):
     """Register ``moving`` to ``fixed``; returns the displacement ``(B, ndim, *S)`` (voxels).
 
-    ``fixed``/``moving``: ``(B, 1, *S)`` floating tensors on one device (2D or 3D), or TorchIO
+    ``fixed``/``moving``: ``(B, C, *S)`` floating tensors on one device (2D or 3D), or TorchIO
     images / a ``tio.Subject`` with ``"fixed"`` and ``"moving"`` (spacing read from them).
+    ``C > 1`` channels (the same in both: a multi-contrast pair) need ``data_term="l2"``,
+    which sums over them. ``features="mind"`` (an override) registers MIND-SSC descriptors
+    instead of intensities: for pairs whose intensities do not correspond (multi-modal).
     ``spacing``: ``ndim`` spacings in mm in the order of ``S`` (default 1).
     ``preset``: ``"fast"``, ``"paper"``, ``"accurate"``, the path of a settings file (from
     :meth:`nadmm_torch.tuning.TuneResult.save`; explicit settings win over its values) or a
@@ -138,6 +141,12 @@ def _affine_start(fixed, moving, spacing, affine_opts, initial_displacement) -> 
     opts = {} if affine_opts is True else dict(affine_opts)
     if "spacing" in opts:
         raise ValueError("affine: pass spacing to register itself, not in the affine settings")
+    if isinstance(fixed, Tensor) and fixed.dim() > 1 and fixed.shape[1] > 1:
+        raise ValueError(
+            f"affine: the affine stage takes single-channel images, got C = {fixed.shape[1]}; "
+            "align one channel with nadmm_torch.affine and pass its displacement as "
+            "initial_displacement"
+        )
     A = affine(fixed, moving, spacing=spacing, **opts)
     return _affine.affine_to_displacement(A, fixed.shape[2:])
 

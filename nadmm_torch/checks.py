@@ -11,8 +11,10 @@ before any check that reads values, so a tensor on the wrong device is reported 
 
 Policies:
 
-* channels: the registration takes single-channel images (``C = 1``) and refuses ``C > 1``
-  (select or average the channels first); :func:`nadmm_torch.warp` warps any ``C``.
+* channels: the deformable registration takes ``C >= 1`` channels, the same number in both
+  images (multi-contrast pairs: the l2 data term sums over them; l1 needs ``C = 1``); the
+  affine stage and the baselines take single-channel images (``C = 1``);
+  :func:`nadmm_torch.warp` warps any ``C``.
 * dtypes: float32/float64 are computed as given; float16/bfloat16 are computed in float32
   (the displacement is float32); integer, bool and complex images are refused.
 * constant images are not refused: the solver returns the initial displacement (or zero) for
@@ -89,8 +91,11 @@ def check_same_device(x: Tensor, device: torch.device, name: str, other: str) ->
         raise ValueError(f"{name}: on {x.device}, {other} on {device}; use one device")
 
 
-def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
-    """Fixed and moving: valid images of one shape, dtype and device, one channel each."""
+def check_pair(
+    fixed: Tensor, moving: Tensor, multichannel: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Fixed and moving: valid images of one shape, dtype and device; one channel each, or
+    with ``multichannel`` the same number ``C >= 1`` of channels."""
     fixed = check_image_layout(fixed, "fixed")
     moving = check_image_layout(moving, "moving")
     if fixed.dim() != moving.dim():
@@ -101,7 +106,13 @@ def check_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"moving: batch size {moving.shape[0]} does not match fixed batch size {fixed.shape[0]}"
         )
-    if fixed.shape[1] != 1 or moving.shape[1] != 1:
+    if multichannel and fixed.shape[1] != moving.shape[1]:
+        raise ValueError(
+            f"moving: {moving.shape[1]} channel(s), fixed {fixed.shape[1]}; expected the same "
+            "number of channels C in both images (channel c of moving is compared with channel "
+            "c of fixed)"
+        )
+    if not multichannel and (fixed.shape[1] != 1 or moving.shape[1] != 1):
         raise ValueError(
             "fixed/moving: expected single-channel images (C = 1), got "
             f"C = {fixed.shape[1]} and {moving.shape[1]}; select or average channels first"

@@ -105,6 +105,9 @@ def _add_solver_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--theta", type=float,
                    help="ADMM penalty θ (> 0; smaller = smoother with capped iterations): one "
                    "value replaces the preset's per-level θ (default: the preset's)")
+    p.add_argument("--features", default=None, choices=("none", "mind"),
+                   help="what is registered: none (intensities, default) or mind (MIND-SSC "
+                   "descriptors, for pairs whose contrasts differ; needs the l2 data term)")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -115,7 +118,7 @@ def _add_solver_arguments(p: argparse.ArgumentParser) -> None:
         "warps=3,3,0; keys: levels, iterations, warps, tol_admm, tol_warp, accelerated, "
         "restart, restart_eta, safeguard, min_jacobian, boundary (neumann|periodic), normalize "
         "(percentile|minmax|none), lam_scaling (gradient|none), anisotropic_pyramid, "
-        "min_level_size, frozen_axes",
+        "min_level_size, frozen_axes, features (none|mind)",
     )
     p.add_argument(
         "--affine",
@@ -1159,7 +1162,8 @@ def _run(args: argparse.Namespace) -> int:
         order=args.order,
         lam=args.lam,
         theta=args.theta,
-        overrides=_parse_overrides(args.overrides),
+        overrides={**_parse_overrides(args.overrides),
+                   **({"features": args.features} if args.features else {})},
         device=args.device,
         plot=args.plot or args.plot_slice is not None,
         plot_slice=args.plot_slice,

@@ -39,9 +39,12 @@ HYPERPARAMETERS = {
 }
 
 
-def prepare_pair(fixed: Tensor, moving: Tensor) -> tuple[Tensor, Tensor]:
-    """Validate a pair; half-precision inputs are computed in float32 (documented policy)."""
-    fixed, moving = check_pair(fixed, moving)
+def prepare_pair(
+    fixed: Tensor, moving: Tensor, multichannel: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Validate a pair (``multichannel``: ``C >= 1`` channels, the same in both, else
+    ``C = 1``); half-precision inputs are computed in float32 (documented policy)."""
+    fixed, moving = check_pair(fixed, moving, multichannel)
     if fixed.dtype in (torch.float16, torch.bfloat16):
         fixed, moving = fixed.float(), moving.float()
     return fixed, moving
@@ -84,7 +87,12 @@ def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
     _drop_fixed_values(module, state_dict, prefix)
 
 
+# Settings newer than the settings record: a record without them was saved with their default.
+SETTINGS_DEFAULTS = {"features": "none"}
+
+
 def _compare_settings(mine: dict, theirs: dict) -> None:
+    theirs = {**SETTINGS_DEFAULTS, **theirs}
     diffs = [
         f"{name}: saved {theirs.get(name, '(absent)')!r}, this module {value!r}"
         for name, value in mine.items()
@@ -161,13 +169,14 @@ class NADMMRegistration(nn.Module):
             ``restart``, ``safeguard``, ``boundary``, ``accelerated``.
 
     Shapes:
-        ``forward(fixed (B, 1, *S), moving (B, 1, *S), spacing=None, initial_displacement=None)``
+        ``forward(fixed (B, C, *S), moving (B, C, *S), spacing=None, initial_displacement=None)``
         → displacement ``(B, ndim, *S)`` in voxel units (pull-back: ``moving(x + d(x))``
         matches ``fixed(x)``), ``ndim = len(S) ∈ {2, 3}``. ``spacing``: ``ndim`` numbers (mm,
         order of ``S``) or one row per sample, ``(B, ndim)`` (samples whose spacings differ are
-        solved one by one). ``mask``: optional ``(B or 1, 1, *S)`` data-term weights. Tensors
-        only: TorchIO images go through :func:`nadmm_torch.register` (or
-        :func:`nadmm_torch.io.unpack_torchio_pair`).
+        solved one by one). ``mask``: optional ``(B or 1, 1, *S)`` data-term weights. ``C > 1``
+        channels (a multi-contrast pair, ``data_term="l2"``): the data term sums over them,
+        each channel normalised on its own. Tensors only: TorchIO images go through
+        :func:`nadmm_torch.register` (or :func:`nadmm_torch.io.unpack_torchio_pair`).
 
     Policies (see :func:`nadmm_torch.ops.solver.solve`): the returned field is fold-free; a
     folding initial displacement is repaired with a warning, or refused above 50 % folded; a
@@ -310,7 +319,12 @@ class NADMMRegistration(nn.Module):
                     "nadmm_torch.io.unpack_torchio_pair"
                 )
         check_module_device(fixed, self, "fixed")
-        fixed, moving = prepare_pair(fixed, moving)
+        fixed, moving = prepare_pair(fixed, moving, multichannel=True)
+        if fixed.shape[1] > 1 and self._config.data_term != "l2":
+            raise ValueError(
+                f"data_term: {self._config.data_term!r} takes single-channel images; with "
+                f"C = {fixed.shape[1]} channels use data_term='l2' (summed over the channels)"
+            )
         rows = check_spacing_rows(spacing, fixed.shape[0], fixed.dim() - 2)
         check_pyramid_size(fixed.shape[2:])
         if initial_displacement is not None:

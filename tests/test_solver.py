@@ -155,7 +155,7 @@ def test_pyramid_keeps_thick_slices():
         (torch.rand(8, 8), torch.rand(8, 8), {}, ValueError, "fixed: expected a"),
         (torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 9), {}, ValueError, "moving: spatial shape"),
         (torch.rand(1, 1, 8, 8), torch.rand(2, 1, 8, 8), {}, ValueError, "batch size"),
-        (torch.rand(1, 2, 8, 8), torch.rand(1, 2, 8, 8), {}, ValueError, "single-channel"),
+        (torch.rand(1, 2, 8, 8), torch.rand(1, 3, 8, 8), {}, ValueError, "same number of ch"),
         (torch.full((1, 1, 8, 8), float("nan")), torch.rand(1, 1, 8, 8), {}, ValueError,
          "fixed: contains non-finite"),
         (torch.ones(1, 1, 8, 8, dtype=torch.long), torch.rand(1, 1, 8, 8), {}, TypeError,

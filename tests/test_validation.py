@@ -56,10 +56,15 @@ REGISTER_CASES = [
      r"^moving: spatial shape \(16, 17\) does not match fixed \(16, 16\)"),
     ("batch-mismatch", F, img(2, 1, *S), {}, ValueError,
      r"^moving: batch size 2 does not match fixed batch size 1"),
-    # channel policy: C > 1 is refused by the registration
-    ("two-channels", img(1, 2, *S), img(1, 2, *S, seed=3), {}, ValueError,
-     r"^fixed/moving: expected single-channel images \(C = 1\)"),
-    ("moving-three-channels", F, img(1, 3, *S), {}, ValueError, r"C = 1 and 3"),
+    # channel policy: C > 1 needs the same C in both images and the l2 data term
+    ("moving-three-channels", F, img(1, 3, *S), {}, ValueError,
+     r"^moving: 3 channel\(s\), fixed 1; expected the same number of channels"),
+    ("two-channels-l1", img(1, 2, *S), img(1, 2, *S, seed=3), {"data_term": "l1"}, ValueError,
+     r"^data_term: 'l1' takes single-channel images; with C = 2 channels use data_term='l2'"),
+    ("mind-l1", F, M, {"features": "mind", "data_term": "l1"}, ValueError,
+     r"^features: 'mind' gives multi-channel images, which need data_term='l2'"),
+    ("features-unknown", F, M, {"features": "sift"}, ValueError,
+     r"^features: expected one of \['none', 'mind'\]"),
     # spacing
     ("spacing-too-short", F, M, {"spacing": (1.0,)}, ValueError, r"^spacing: expected 2 numbers"),
     ("spacing-too-long", F, M, {"spacing": (1.0, 1.0, 1.0)}, ValueError,

@@ -5,7 +5,8 @@ Model (``docs/method.md``), for a velocity ``u`` of shape ``(B, ndim, *S)``::
     minimise  (λ/p) Σ_x |g·u + c|^p  +  ½ Σ_i h_i² ⟨u_i, (−Δ_h)^n u_i⟩
 
 with ``g = ∇(warped moving)`` ``(B, ndim, *S)``, ``c = warped − fixed`` ``(B, 1, *S)`` and
-``p ∈ {1, 2}``.
+``p ∈ {1, 2}``. Images of ``C > 1`` channels (p = 2 only) sum the data term over them,
+``(λ/2) Σ_x Σ_c |g_c·u + c_c|²``, with ``g`` ``(B, C, ndim, *S)`` and ``c`` ``(B, C, *S)``.
 Splitting ``v = u`` gives a point-wise v-step (closed form) and a spectral u-step.
 """
 
@@ -27,6 +28,9 @@ from .fourier import (
 )
 
 DATA_TERMS = ("l2", "l1")
+# The v-step of l2 over C > 1 channels (an internal kind: the caller asks for "l2"). Its data
+# term is the per-voxel quadratic ``(λ/2)(vᵀHv + 2 qᵀv + const)`` of :func:`normal_equations`.
+L2_CHANNELS = "l2-channels"
 # Guards the p = 1 middle case against s = |g|² = 0 (there g = 0, so the step does not matter).
 L1_EPS = 1e-8
 
@@ -76,14 +80,96 @@ def v_step_l1(w: Tensor, g: Tensor, c: Tensor, s: Tensor, lam: Schedule, theta: 
     return l1_apply(w, g, c, l1_coefficient(s, lam, theta))
 
 
+def normal_equations(g: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-voxel quadratic of the l2 data term over ``C`` channels,
+    ``Σ_c |g_c·v + c_c|² = vᵀHv + 2 qᵀv + Σ_c c_c²``.
+
+    Shapes: ``g`` ``(B, C, ndim, *S)``, ``c`` ``(B, C, *S)``; returns ``H = Σ_c g_c g_cᵀ``
+    ``(B, ndim, ndim, *S)`` (symmetric, positive semi-definite) and ``q = Σ_c c_c g_c``
+    ``(B, ndim, *S)``.
+    """
+    ndim = g.shape[2]
+    entries = {(i, j): (g[:, :, i] * g[:, :, j]).sum(1) for i in range(ndim)
+               for j in range(i, ndim)}
+    h = torch.stack([torch.stack([entries[min(i, j), max(i, j)] for j in range(ndim)], 1)
+                     for i in range(ndim)], 1)
+    return h, (g * c.unsqueeze(2)).sum(1)
+
+
+def _shifted_inverse_matrix(h: Tensor, beta: Schedule) -> Tensor:
+    """``(I + βH)⁻¹`` per voxel for symmetric ``H`` ``(B, n, n, *S)``, ``n`` in {2, 3}: the
+    adjugate over the determinant, written out (vectorised, no per-voxel LAPACK call)."""
+    n = h.shape[1]
+    a = [[(1.0 if i == j else 0.0) + beta * h[:, i, j] for j in range(n)] for i in range(n)]
+    if n == 2:
+        det = a[0][0] * a[1][1] - a[0][1] * a[0][1]
+        adj = [[a[1][1], -a[0][1]], [-a[0][1], a[0][0]]]
+    else:
+        c00 = a[1][1] * a[2][2] - a[1][2] * a[1][2]
+        c01 = a[0][2] * a[1][2] - a[0][1] * a[2][2]
+        c02 = a[0][1] * a[1][2] - a[0][2] * a[1][1]
+        c11 = a[0][0] * a[2][2] - a[0][2] * a[0][2]
+        c12 = a[0][1] * a[0][2] - a[0][0] * a[1][2]
+        c22 = a[0][0] * a[1][1] - a[0][1] * a[0][1]
+        det = a[0][0] * c00 + a[0][1] * c01 + a[0][2] * c02
+        adj = [[c00, c01, c02], [c01, c11, c12], [c02, c12, c22]]
+    inv_det = 1.0 / det  # det >= 1: I + βH is SPD with eigenvalues >= 1
+    return torch.stack([torch.stack([x * inv_det for x in row], 1) for row in adj], 1)
+
+
+def l2_channels_coefficient(
+    system: tuple[Tensor, Tensor], lam: Schedule, theta: Schedule
+) -> tuple[Tensor, Tensor]:
+    """``(M, p)`` of the C-channel p = 2 v-step, ``v = M w − p``, from ``system = (H, q)``
+    (:func:`normal_equations`): ``(λH + θI) v = θw − λq`` gives ``M = (I + βH)⁻¹`` ``(B, ndim,
+    ndim, *S)`` and ``p = β M q`` ``(B, ndim, *S)``, ``β = λ/θ``."""
+    h, q = system
+    beta = lam / theta
+    m = _shifted_inverse_matrix(h, beta)
+    return m, beta * _matvec(m, q)
+
+
+def _matvec(m: Tensor, w: Tensor) -> Tensor:
+    """``M w`` per voxel for symmetric ``M`` ``(B, n, n, *S)``: ``Σ_j M[:, j] w_j`` (row ``j``
+    is column ``j``: contiguous slices)."""
+    out = m[:, 0] * w[:, :1]
+    for j in range(1, m.shape[1]):
+        out = torch.addcmul(out, m[:, j], w[:, j:j + 1])
+    return out
+
+
+def l2_channels_apply(w: Tensor, g, c, coefficient: tuple[Tensor, Tensor]) -> Tensor:
+    """C-channel p = 2 v-step from its precomputed coefficients: ``M w − p`` (``g``, ``c``
+    are in the coefficients already)."""
+    m, p = coefficient
+    return _matvec(m, w) - p
+
+
+def v_step_l2_channels(w: Tensor, g: Tensor, c: Tensor, lam: Schedule, theta: Schedule) -> Tensor:
+    """``argmin_v (λ/2) Σ_c |g_c·v + c_c|² + (θ/2)|v − w|²`` point-wise: the ``ndim × ndim``
+    system ``(λ Σ_c g_c g_cᵀ + θI) v = θw − λ Σ_c c_c g_c``, solved in closed form.
+
+    Shapes: ``w`` ``(B, ndim, *S)``; ``g`` ``(B, C, ndim, *S)``; ``c`` ``(B, C, *S)``.
+    """
+    return l2_channels_apply(w, g, c, l2_channels_coefficient(normal_equations(g, c), lam, theta))
+
+
 # data term -> (coefficient, apply): the coefficients are built once per solve unless λ or θ
 # follow a per-iteration schedule.
-V_STEP_PARTS = {"l2": (l2_coefficient, l2_apply), "l1": (l1_coefficient, l1_apply)}
+V_STEP_PARTS = {
+    "l2": (l2_coefficient, l2_apply),
+    "l1": (l1_coefficient, l1_apply),
+    L2_CHANNELS: (l2_channels_coefficient, l2_channels_apply),
+}
 
 
 def data_energy(u: Tensor, g: Tensor, c: Tensor, lam: float | Tensor, data_term: str) -> Tensor:
-    """``(λ/p) Σ |g·u + c|^p`` per batch element, ``(B,)``."""
-    r = (g * u).sum(dim=1) + c[:, 0]
+    """``(λ/p) Σ |g·u + c|^p`` per batch element, ``(B,)``; over ``C`` channels (``g``
+    ``(B, C, ndim, *S)``, ``c`` ``(B, C, *S)``) the sum runs over them too."""
+    if g.dim() == c.dim() + 1:
+        r = (g * u.unsqueeze(1)).sum(dim=2) + c
+    else:
+        r = (g * u).sum(dim=1) + c[:, 0]
     if data_term == "l2":
         return 0.5 * lam * (r * r).flatten(1).sum(1)
     return lam * r.abs().flatten(1).sum(1)
@@ -218,8 +304,10 @@ def nesterov_admm(
     """Solve the convex model for one linearisation with (Nesterov-accelerated) ADMM.
 
     Args:
-        g: ``(B, ndim, *S)`` image gradient of the warped moving image (voxel units).
-        c: ``(B, 1, *S)`` residual ``warped − fixed``.
+        g: ``(B, ndim, *S)`` image gradient of the warped moving image (voxel units), or
+            ``(B, C, ndim, *S)``, the gradient of each of its ``C`` channels.
+        c: ``(B, 1, *S)`` residual ``warped − fixed``, or ``(B, C, *S)`` with ``C`` channels
+            (then ``data_term="l2"``: the terms of the channels add up).
         lam, theta: data weight λ and penalty θ: floats, 0-d tensors, or ``(K,)`` schedules.
         iterations: maximum number of iterations ``K``.
         order: regulariser order ``n ≥ 1``.
@@ -238,7 +326,8 @@ def nesterov_admm(
     Returns:
         ``u`` ``(B, ndim, *S)`` (the smooth iterate ``u^K``) and an :class:`ADMMInfo`.
     """
-    ops = _Operators.build(g, lam, theta, order, spacing, boundary, data_term)
+    g, c, data_term = _linearisation(g, c, data_term)
+    ops = _Operators.build(g, c, lam, theta, order, spacing, boundary, data_term)
     plain_inference = (
         not (torch.is_grad_enabled() and any(_needs_grad(x) for x in (g, c, lam, theta)))
         and ops.coef is not None and ops.mult is not None and boundary == "neumann"
@@ -257,28 +346,53 @@ def nesterov_admm(
                       callback)
 
 
+def _linearisation(g: Tensor, c: Tensor, data_term: str) -> tuple[Tensor, Tensor, str]:
+    """``(g, c, v-step kind)`` as the loops take them. One channel (``g`` ``(B, ndim, *S)`` or
+    ``(B, 1, ndim, *S)``): ``g`` ``(B, ndim, *S)``, ``c``, ``data_term``. ``C > 1`` channels
+    (l2): the v-step needs only :func:`normal_equations`, so the loops get ``q`` ``(B, ndim,
+    *S)`` (shaped like ``u``) in place of ``g``, ``H`` in place of ``c``, and
+    :data:`L2_CHANNELS`."""
+    if g.dim() != c.dim() + 1:
+        return g, c, data_term
+    if g.shape[:2] != c.shape[:2] or g.shape[3:] != c.shape[2:] or g.shape[2] != c.dim() - 2:
+        raise ValueError(
+            f"g: expected (B, C, ndim, *S) matching c (B, C, *S) = {tuple(c.shape)}, got "
+            f"{tuple(g.shape)}"
+        )
+    if g.shape[1] == 1:
+        return g[:, 0], c, data_term
+    if data_term != "l2":
+        raise ValueError(
+            f"data_term: {data_term!r} has no closed-form v-step over C = {g.shape[1]} "
+            "channels; multi-channel images need data_term='l2'"
+        )
+    h, q = normal_equations(g, c)
+    return q, h, L2_CHANNELS
+
+
 @dataclass
 class _Operators:
     """What one ADMM solve precomputes: the regulariser's symbol and per-axis weights,
-    ``s = |g|²``, and (unless λ or θ follow a per-iteration schedule) the v-step coefficients
-    ``coef`` and the u-step multiplier ``mult``."""
+    ``s = |g|²`` (over C channels: ``(H, q)``), and (unless λ or θ follow a per-iteration
+    schedule) the v-step coefficients ``coef`` and the u-step multiplier ``mult``."""
 
     symbol: Tensor
     weights: Tensor
-    s: Tensor
+    s: Tensor | tuple[Tensor, Tensor]
     coefficient: Callable
     v_apply: Callable
     coef: object
     mult: Tensor | None
 
     @classmethod
-    def build(cls, g, lam, theta, order, spacing, boundary, data_term) -> _Operators:
+    def build(cls, g, c, lam, theta, order, spacing, boundary, data_term) -> _Operators:
         ndim, shape = g.dim() - 2, tuple(g.shape[2:])
         spacing = tuple(float(h) for h in spacing) if spacing is not None else (1.0,) * ndim
         symbol = laplacian_symbol(shape, spacing, int(order), boundary, g.dtype, g.device)
         weights = regulariser_weights(spacing, g.dtype, g.device)
         coefficient, v_apply = V_STEP_PARTS[data_term]
-        s = (g * g).sum(dim=1, keepdim=True)
+        # (H, q) over C channels (see _linearisation), else |g|²
+        s = (c, g) if data_term == L2_CHANNELS else (g * g).sum(dim=1, keepdim=True)
         scheduled = _is_schedule(lam) or _is_schedule(theta)
         coef = None if scheduled else coefficient(s, lam, theta)
         mult = None if _is_schedule(theta) else shifted_inverse(theta, symbol, weights)
@@ -398,6 +512,10 @@ def _admm_in_place(
 def _v_step_into(v: Tensor, w: Tensor, g: Tensor, c: Tensor, coef, data_term: str,
                  scratch: Tensor, r: Tensor) -> None:
     """The v-step of ``w`` into ``v`` (``scratch`` like ``g``, ``r`` like ``c``)."""
+    if data_term == L2_CHANNELS:  # v = M w − p, coef = (M, p)
+        _matvec_into(v, coef[0], w)
+        v.sub_(coef[1])
+        return
     torch.mul(g, w, out=scratch)
     torch.sum(scratch, dim=1, keepdim=True, out=r)
     r.add_(c)
@@ -408,3 +526,10 @@ def _v_step_into(v: Tensor, w: Tensor, g: Tensor, c: Tensor, coef, data_term: st
         tau, inv_s = coef
         r.mul_(inv_s).neg_().clamp_(-tau, tau)
         torch.addcmul(w, r, g, out=v)
+
+
+def _matvec_into(out: Tensor, m: Tensor, w: Tensor) -> None:
+    """:func:`_matvec` written into ``out`` (no temporaries)."""
+    torch.mul(m[:, 0], w[:, :1], out=out)
+    for j in range(1, m.shape[1]):
+        out.addcmul_(m[:, j], w[:, j:j + 1])

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .admm import nesterov_admm
 from .diff import forward_jacobian_determinant, jacobian_determinant, spatial_gradient
+from .features import image_features
 from .warp import compose, resize, resize_displacement, warp
 
 # Step scales tried, largest first, by the safeguard; 0 keeps the previous displacement.
@@ -60,6 +61,7 @@ class SolverSettings(Protocol):
     anisotropic_pyramid: bool
     min_level_size: int
     frozen_axes: tuple[int, ...] | str
+    features: str
 
     def per_level(self, name: str) -> tuple[float, ...]: ...
 
@@ -175,9 +177,14 @@ def normalise_pair(
 
     Returns:
         ``(fixed, moving)`` scaled, same shapes and dtype.
+
+    With ``C > 1`` channels each channel gets its own map, joint over the pair.
     """
     if mode == "none":
         return fixed, moving
+    if fixed.shape[1] > 1:
+        f, m = normalise_pair(_channels_as_batch(fixed), _channels_as_batch(moving), mode)
+        return f.view_as(fixed), m.view_as(moving)
     if mode not in NORMALIZE_MODES:
         raise ValueError(f"mode: expected one of {list(NORMALIZE_MODES)}, got {mode!r}")
     b = fixed.shape[0]
@@ -197,6 +204,11 @@ def normalise_pair(
     return fixed, moving
 
 
+def _channels_as_batch(x: Tensor) -> Tensor:
+    """``(B, C, *S)`` as ``(B·C, 1, *S)``."""
+    return x.reshape(-1, 1, *x.shape[2:])
+
+
 def gradient_scale(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) -> Tensor:
     """RMS image gradient of a pair, ``sqrt(mean |∇I|²)`` averaged over both images, ``(B, 1, …)``.
 
@@ -204,7 +216,15 @@ def gradient_scale(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) ->
     sees invariant to the images' contrast: with the L2 term this is λ relative to the pair's
     gradient energy (λ / mean |∇I|²), with L1 λ relative to its RMS gradient. Central
     differences in voxel units of the level; ``mask`` ``(1, ndim, 1, …)`` drops frozen axes.
+
+    ``C > 1`` channels: ``(B, C, 1, …)``, each channel's own RMS gradient times ``√C``, so
+    every channel weighs alike and the channels' gradient energies add up to that of one
+    channel: λ keeps its meaning (relative to the total gradient energy) for any ``C``.
     """
+    if fixed.shape[1] > 1:
+        channels = fixed.shape[1]
+        rms = gradient_scale(_channels_as_batch(fixed), _channels_as_batch(moving), mask)
+        return rms.view(fixed.shape[0], channels, *rms.shape[2:]) * channels**0.5
     energy = []
     for x in (fixed, moving):
         g = spatial_gradient(x)[:, 0]
@@ -397,7 +417,7 @@ def solve(
     """Register ``moving`` to ``fixed``.
 
     Args:
-        fixed, moving: ``(B, 1, *S)`` floating tensors (validated by the caller).
+        fixed, moving: ``(B, C, *S)`` floating (checked by the caller; C > 1: _prepared_images).
         config: solver settings.
         spacing: ``ndim`` physical spacings (mm), used by the regulariser and the pyramid.
         initial_displacement: ``(B, ndim, *S)`` voxel units (e.g. a network's prediction).
@@ -436,7 +456,7 @@ def solve(
         if diag is not None:
             diag.initial_fold_percent = percent
     constant = _constant_elements(fixed, moving, diag)
-    fixed, moving = _prepared_images(fixed, moving, constant, config.normalize)
+    fixed, moving = _prepared_images(fixed, moving, constant, config.normalize, config.features)
     mode = compile_mode(compile)
     run = _Run(
         fixed, moving, config, spacing, initial_displacement,
@@ -464,7 +484,7 @@ def solve(
 class _Run:
     """One call of :func:`solve`: its prepared inputs and what every level needs."""
 
-    fixed: Tensor  # (B, 1, *S), normalised
+    fixed: Tensor  # (B, C, *S), normalised (features, where asked for)
     moving: Tensor
     config: SolverSettings
     spacing: tuple[float, ...]
@@ -481,14 +501,20 @@ class _Run:
 
 
 def _prepared_images(
-    fixed: Tensor, moving: Tensor, constant: Tensor | None, normalize: str
+    fixed: Tensor, moving: Tensor, constant: Tensor | None, normalize: str, features: str = "none"
 ) -> tuple[Tensor, Tensor]:
-    """Zeros for constant batch elements (nothing to register there), then the intensity
-    scaling of :func:`normalise_pair` (``normalize``: one of :data:`NORMALIZE_MODES`)."""
+    """Zeros for constant batch elements (nothing to register there), the intensity scaling
+    of :func:`normalise_pair` (``normalize``: one of :data:`NORMALIZE_MODES`), then what is
+    registered (``features``, one of :data:`~nadmm_torch.ops.features.FEATURES`): the images,
+    or their MIND-SSC descriptors (``"mind"``: 12 channels in 3D, 4 in 2D, for pairs whose
+    intensities do not correspond), computed once at full resolution, where the
+    self-similarity of the finest structures is seen, and area-averaged to each level like
+    intensities. ``C > 1`` channels are normalised and gradient-scaled each on its own."""
     if constant is not None:
         fixed = torch.where(constant, torch.zeros_like(fixed), fixed)
         moving = torch.where(constant, torch.zeros_like(moving), moving)
-    return normalise_pair(fixed, moving, normalize)
+    fixed, moving = normalise_pair(fixed, moving, normalize)
+    return image_features(fixed, features), image_features(moving, features)
 
 
 def _frozen_mask(config: SolverSettings, spacing, like: Tensor) -> Tensor | None:
@@ -687,12 +713,14 @@ def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool,
     for the safeguard, its minimum det J: everything of a warp step up to the host check.
     ``weight``: ``(B or 1, 1, *S)`` factor on ``g`` and ``c`` (the data term's mask)."""
     warped = warp(moving, d)
-    g = spatial_gradient(warped)[:, 0]  # (B, ndim, *S), voxel units
+    g = spatial_gradient(warped)  # (B, C, ndim, *S), voxel units
+    # one channel: (B, ndim, *S); C > 1: (B, C, ndim, *S), so the spatial factors get an axis
+    g, axis = (g[:, 0], 0) if g.shape[1] == 1 else (g, 1)
     if mask is not None:  # frozen axes: no gradient along them, so no motion either
-        g = g * mask
+        g = g * (mask.unsqueeze(1) if axis else mask)
     c = warped - fixed
     if weight is not None:
-        g, c = g * weight, c * weight
+        g, c = g * (weight.unsqueeze(2) if axis else weight), c * weight
     u, info = nesterov_admm(g, c, **admm_kwargs)
     if scale is not None:
         u = u * scale
