@@ -68,12 +68,10 @@ def register(
     displacement; the result is one displacement that includes it. Not with
     ``initial_displacement``.
     ``compile``: ``torch.compile`` the solver (see :class:`NADMMRegistration`).
-    ``return_inverse``: also return the inverse ``e`` on the same grid (``(Id + d) ∘ (Id + e) ≈
-    Id``): ``(d, e)``, or ``(d, e, diagnostics)``. ``e`` is computed after the solve from the
-    final ``d`` alone by :func:`nadmm_torch.invert` (damped fixed point, ≤ 50 steps, until the
-    largest residual is ≤ 1e-3 voxel), not by composing inverses of the solver's steps. On 10
-    ACDC pairs (``fast``, ``benchmarks/inverse.py``): ``|d ∘ e|`` 0.0003 voxel mean (< 1e-4 at
-    the 99th percentile), ``|e ∘ d|`` 0.11 mean / 1.16 p99 (interpolation between 10 mm slices).
+    ``return_inverse``: also return the inverse ``e`` (``(Id + d) ∘ (Id + e) ≈ Id``): ``(d, e)``
+    or ``(d, e, diagnostics)``; computed from the final ``d`` by :func:`nadmm_torch.invert`
+    (damped fixed point to a largest residual ≤ 1e-3 voxel), not by composing inverses of the
+    solver's steps. 10 ACDC pairs (``benchmarks/inverse.py``): ``|d ∘ e|`` 0.0003 voxel mean.
     ``mask``: ``(B or 1, 1, *S)`` fixed-image mask (bool) or weights of the data term: the
     images are compared only where it is non-zero; elsewhere the regulariser alone carries
     the field (see :func:`nadmm_torch.ops.solver.solve`).
