@@ -59,7 +59,7 @@ def register(
     which sums over them. ``features="mind"`` (an override) registers MIND-SSC descriptors
     instead of intensities: for pairs whose intensities do not correspond (multi-modal).
     ``spacing``: ``ndim`` spacings in mm in the order of ``S`` (default 1).
-    ``preset``: ``"fast"``, ``"paper"``, ``"accurate"``, the path of a settings file (from
+    ``preset``: ``"fast"``, ``"balanced"``, ``"paper"``, ``"accurate"``, a settings file (from
     :meth:`nadmm_torch.tuning.TuneResult.save`; explicit settings win over its values) or a
     ready :class:`~nadmm_torch.config.SolverConfig`. ``data_term``: ``"l2"`` (default) or
     ``"l1"``; ``order``: regulariser order (default 2).

@@ -90,7 +90,8 @@ class CLIError(Exception):
 def _add_solver_arguments(p: argparse.ArgumentParser) -> None:
     """The options that define the registration (preset, data term, order, λ, θ, --set)."""
     p.add_argument("--preset", default="fast",
-                   help="solver preset: fast (default), paper (the paper's schedule), accurate, "
+                   help="solver preset: fast (default), balanced (fast + a full-resolution warp), "
+                   "paper (the paper's schedule), accurate, "
                    "or a settings file written by nadmm-tune")
     p.add_argument("--preset-file", metavar="JSON",
                    help="a settings file written by nadmm-tune / nadmm_torch.tune (replaces "

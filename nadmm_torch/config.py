@@ -8,6 +8,9 @@ Presets (ADMM iterations K and warps W per pyramid level, coarse → fine):
   the in-plane resolution and upsampled (a smooth field loses little by it); about a fifth of
   ``paper``'s time for a Dice a few thousandths lower on ACDC (README: Results on ACDC,
   Speed).
+* ``balanced``: ``fast`` plus one warp of K = 8 at full resolution, K = (5, 5, 8), W = (7, 5,
+  1), with ``fast``'s λ and θ: ``paper``'s Dice (or better) at about 1.5× ``fast``'s time
+  (schedule chosen on the ACDC tuning split by ``benchmarks/schedules.py``; README: Speed).
 * ``accurate``: twice ``paper``'s iterations and up to twice its warps, a level stopping once
   its RMS step falls under 0.01 voxel. Longer settings cost much more for no measurable gain,
   so they are not a preset.
@@ -46,13 +49,15 @@ from .ops.solver import NORMALIZE_MODES
 
 PRESETS: dict[str, dict] = {
     "fast": dict(iterations=(5, 5, 5), warps=(7, 5, 0), tol_admm=None, tol_warp=None),
+    "balanced": dict(iterations=(5, 5, 8), warps=(7, 5, 1), tol_admm=None, tol_warp=None),
     "paper": dict(iterations=(10, 5, 5), warps=(10, 10, 5), tol_admm=None, tol_warp=None),
     "accurate": dict(iterations=(20, 10, 10), warps=(20, 20, 10), tol_admm=None, tol_warp=1e-2),
 }
 
 Value = float | tuple[float, ...]  # one for all levels, or one per level (coarse → fine)
-# (preset, data_term, order) -> (λ, θ). ``fast`` has per-level values (its finest level, never
-# solved, repeats the middle one); ``paper`` and ``accurate`` one value for all levels.
+# (preset, data_term, order) -> (λ, θ). ``fast`` (and ``balanced``) have per-level values (the
+# finest level's, never solved by ``fast``, repeat the middle one's);
+# ``paper`` and ``accurate`` one value for all levels.
 TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
     ("paper", "l2", 1): (9.0, 0.03),
     ("paper", "l2", 2): (0.3, 0.001),
@@ -73,6 +78,9 @@ TUNED: dict[tuple[str, str, int], tuple[Value, Value]] = {
     ("accurate", "l1", 2): (0.03, 1e-3 / 9),
     ("accurate", "l1", 3): (0.01 / 27, 1e-4),
 }
+# ``balanced`` is ``fast``'s schedule plus a finest-level warp: it keeps ``fast``'s values (the
+# finest level's, tuned for nothing in ``fast``, repeat the middle one's).
+TUNED.update({("balanced", dt, n): v for (p, dt, n), v in list(TUNED.items()) if p == "fast"})
 
 # Settings files (written by :meth:`nadmm_torch.tuning.TuneResult.save`).
 # RMS image gradient (voxel units, both images, percentile-normalised) of the ACDC tuning pairs
@@ -172,7 +180,7 @@ class SolverConfig:
     ) -> SolverConfig:
         """The validated settings of a preset (or a settings file), with fields overridden.
 
-        ``preset``: ``"fast"``, ``"paper"``, ``"accurate"``, or the path of a settings file
+        ``preset``: ``"fast"``, ``"balanced"``, ``"paper"``, ``"accurate"``, or a settings file
         (``.json``, from :meth:`nadmm_torch.tuning.TuneResult.save`), whose ``data_term``,
         ``order`` and values apply unless given here. ``data_term``: ``"l2"`` (default) or
         ``"l1"``; ``order``: regulariser order ≥ 1 (default 2). ``overrides``: any field;

@@ -148,8 +148,9 @@ class NADMMRegistration(nn.Module):
     """Diffeomorphic registration by Nesterov-accelerated ADMM, unrolled and differentiable.
 
     Args:
-        preset: ``"fast"``, ``"paper"`` or ``"accurate"`` (see :mod:`nadmm_torch.config`), the
-            path of a settings file (from :meth:`nadmm_torch.tuning.TuneResult.save`), or a
+        preset: ``"fast"``, ``"balanced"``, ``"paper"`` or ``"accurate"`` (see
+            :mod:`nadmm_torch.config`), the path of a settings file (from
+            :meth:`nadmm_torch.tuning.TuneResult.save`), or a
             ready :class:`~nadmm_torch.config.SolverConfig` (then no other setting is given).
         data_term: ``"l2"`` (default, or the settings file's) or ``"l1"``.
         order: regulariser order ``n ≥ 1`` (default 2, or the settings file's).

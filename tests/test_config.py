@@ -145,3 +145,22 @@ def test_classical_float64_solve_gets_exactly_the_configured_values(monkeypatch)
     learned(f.double(), m.double(), spacing=h)
     assert [float(theta) for _, theta in seen] == [0.001] * 3  # θ still exact
     assert all(lam.requires_grad for lam, _ in seen)
+
+
+@pytest.mark.parametrize("data_term", ["l2", "l1"])
+@pytest.mark.parametrize("order", [1, 2, 3])
+def test_balanced_is_fast_plus_one_finest_warp(data_term, order):
+    """``balanced`` keeps ``fast``'s λ/θ and coarse schedule and adds one full-resolution warp,
+    so it solves the finest level that ``fast`` skips."""
+    fast = SolverConfig.from_preset("fast", data_term=data_term, order=order)
+    bal = SolverConfig.from_preset("balanced", data_term=data_term, order=order)
+    assert (bal.lam, bal.theta) == (fast.lam, fast.theta)
+    assert bal.warps == (7, 5, 1) and bal.iterations == (5, 5, 8)
+    assert bal.warps[:2] == fast.warps[:2] and fast.warps[2] == 0
+
+
+def test_balanced_solves_at_full_resolution():
+    s = load_sample()
+    f, m = s.fixed[:, :, 2:6, 32:96, 32:96], s.moving[:, :, 2:6, 32:96, 32:96]
+    _, diag = nt.register(f, m, spacing=s.spacing, preset="balanced", return_diagnostics=True)
+    assert diag.warps == [7, 5, 1] and diag.shapes[-1] == tuple(f.shape[2:])
