@@ -25,7 +25,19 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 ``i`` along spatial axis ``i``; pull-back warping ``I(x + d(x))``.
 """
 
-from . import losses, metrics
+import os as _os
+import sys as _sys
+
+# PyTorch's CPU kernels run in OpenMP regions, and libgomp's idle threads spin before they
+# sleep: with other processes competing for the cores, every one of the solver's thousands of
+# small regions then waits for a parked sibling thread (measured: ``fast`` 0.64 s passive
+# against 13.7 s spinning, 2 threads on a busy 2-core machine; ``benchmarks/threads.py``).
+# Passive waiting unless the user set a policy. libgomp reads it when torch loads it, so this
+# takes effect only where torch was not imported before this package (README: Speed).
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from . import losses, metrics  # noqa: E402
 from .api import affine, affine_to_displacement, register, warp, warp_labels
 from .config import PRESETS, SolverConfig, preset_config
 from .metrics import dice, fold_percent, hausdorff_slices, jacobian_determinant
