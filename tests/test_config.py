@@ -107,8 +107,8 @@ def test_bad_settings_files_are_refused(tmp_path):
     other.write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match=r"expected format 'nadmm-torch-settings'"):
         nt.register(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), preset=str(other))
-    with pytest.raises(ValueError, match=r"^preset: expected one of \['accurate', 'fast', "
-                                         r"'paper'\], got 'turbo'"):
+    with pytest.raises(ValueError, match=r"^preset: expected one of \['accurate', 'balanced', "
+                                         r"'fast', 'paper'\], got 'turbo'"):
         SolverConfig.from_preset("turbo")
 
 

@@ -120,7 +120,7 @@ REGISTER_CASES = [
      ValueError, r"^fixed: spatial shape \(16, 16, 3\) is too small"),
     # presets and option names
     ("unknown-preset", F, M, {"preset": "turbo"}, ValueError,
-     r"^preset: expected one of \['accurate', 'fast', 'paper'\], got 'turbo'"),
+     r"^preset: expected one of \['accurate', 'balanced', 'fast', 'paper'\], got 'turbo'"),
     ("unhashable-preset", F, M, {"preset": ["fast"]}, TypeError, r"^preset: expected one of"),
     ("unknown-option", F, M, {"lamda": 1.0}, ValueError,
      r"^unknown option\(s\) \['lamda'\]; valid options: .*lam"),
