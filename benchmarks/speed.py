@@ -295,6 +295,7 @@ def dice_time_figure(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(5.2, 3.6), dpi=120)
     rows = sorted(result["summary"].items(), key=lambda kv: kv[1]["demons_ratio"])
@@ -308,6 +309,9 @@ def dice_time_figure(result: dict, path: str) -> None:
         ax.annotate(k.split("-")[1], (v["demons_ratio"], v["dice_mean"]),
                     textcoords="offset points", xytext=(4, -10), fontsize=8)
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([0.25, 0.5, 1, 2, 4, 8]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("time per pair, × demons' (median over pairs, interleaved)")
     ax.set_ylabel("mean Dice (RV, Myo, LV)")
     ax.set_title(f"ACDC report split, {len(result['patients'])} pairs, CPU", fontsize=9)
