@@ -32,6 +32,15 @@ paths are taken from the CSV's folder; UTF-8, with or without Excel's byte-order
 paths>``), so inserting or reordering rows keeps every id. The whole CSV is checked before any
 pair runs.
 
+Batches: ``--batch-size N`` (default 4 on the CPU, 16 on a GPU) registers up to ``N`` pairs per
+solver call, pairs whose registered grid (size and spacing) and mask-or-none agree; a group
+is registered once it holds ``N`` pairs, the rest at the end (so at most ``N - 1`` read pairs
+per grid wait in memory). Each batch element is solved on its own: a pair's result is the one
+it gets alone (to float rounding). With ``--affine`` the affine stage runs pair by pair. If a
+batch fails, its pairs are registered again one by one, so the error is reported for the pair
+that caused it. A pair's ``time_registration_s`` is its share of its batch's time
+(``metrics.batch_size`` in ``summary.json``); the batch size is not part of the resume key.
+
 Resuming: a pair is skipped only if its ``summary.json`` records the same inputs (path, size
 and SHA-256 of each file), the same result-defining settings and the same ``--plot``, and all
 its outputs are present; otherwise it is registered again (its folder's previous outputs stay
@@ -152,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             "jacobian_determinant.nii.gz, registration.png (--plot), summary.json. "
             "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels]"
             "[,fixed_mask][,id] "
-            "(ids default to <moving>_to_<fixed>_<hash of the paths>); a pair is skipped only if "
+            "(ids default to <moving>_to_<fixed>_<hash of the paths>), registered --batch-size "
+            "pairs of one grid at a time; a pair is skipped only if "
             "its stored result was made from the same input files (SHA-256) and settings, else "
             "it is registered again. Every output is verified after writing and the output set "
             "replaces the previous one as a whole."
@@ -552,8 +562,9 @@ def _solver_tensors(inputs: _Inputs, device):
 def _batch_key(inputs: _Inputs) -> tuple:
     """Pairs with equal keys are registered in one batch: the registered grid (shape, spacing,
     dtype) and whether a mask weights the data term (every other setting is the cohort's)."""
-    _, _, _, spacing = _solver_tensors(inputs, "cpu")
-    shape = tuple(n for i, n in enumerate(inputs.geometry.shape) if i != inputs.squeeze)
+    geo, squeeze = inputs.geometry, inputs.squeeze
+    shape = tuple(n for i, n in enumerate(geo.shape) if i != squeeze)
+    spacing = tuple(h for i, h in enumerate(geo.array_spacing) if i != squeeze)
     return shape, spacing, str(inputs.fixed.dtype), inputs.fixed_mask is not None
 
 
@@ -564,13 +575,6 @@ def _register_kwargs(settings: Settings) -> dict[str, Any]:
         return settings.solver_kwargs()
     return {"preset": settings.config,
             **({"compile": settings.compile} if settings.compile is not False else {})}
-
-
-def _solve(inputs: _Inputs, settings: Settings, device, bar):
-    """Register one pair on ``device``: ``(displacement (1, ndim, *S) on the file's grid,
-    affine or None, seconds)``."""
-    (disp, A), seconds = _solve_batch([inputs], settings, device, bar)
-    return disp[0], A[0], seconds
 
 
 def _solve_batch(batch: list[_Inputs], settings: Settings, device, bar):
@@ -868,7 +872,7 @@ def _compiled(key, seconds: float, log: _Log) -> None:
         return
     _COMPILED.add(key)
     log.info(f"the first call for shape {_shape_text(key[2])} took {seconds:.1f} s, "
-             "compilation included; later calls of this shape reuse the compiled solver")
+             "compilation included; later pairs of this shape reuse the compiled solver")
 
 
 def _full_affine(A, squeeze: int | None, ndim: int):
