@@ -32,6 +32,15 @@ paths are taken from the CSV's folder; UTF-8, with or without Excel's byte-order
 paths>``), so inserting or reordering rows keeps every id. The whole CSV is checked before any
 pair runs.
 
+Batches: ``--batch-size N`` (default 4 on the CPU, 16 on a GPU) registers up to ``N`` pairs per
+solver call, pairs whose registered grid (size and spacing) and mask-or-none agree; a group
+is registered once it holds ``N`` pairs, the rest at the end (so at most ``N - 1`` read pairs
+per grid wait in memory). Each batch element is solved on its own: a pair's result is the one
+it gets alone (to float rounding). With ``--affine`` the affine stage runs pair by pair. If a
+batch fails, its pairs are registered again one by one, so the error is reported for the pair
+that caused it. A pair's ``time_registration_s`` is its share of its batch's time
+(``metrics.batch_size`` in ``summary.json``); the batch size is not part of the resume key.
+
 Resuming: a pair is skipped only if its ``summary.json`` records the same inputs (path, size
 and SHA-256 of each file), the same result-defining settings and the same ``--plot``, and all
 its outputs are present; otherwise it is registered again (its folder's previous outputs stay
@@ -152,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
             "jacobian_determinant.nii.gz, registration.png (--plot), summary.json. "
             "Cohort mode: --pairs CSV with columns fixed,moving[,fixed_labels,moving_labels]"
             "[,fixed_mask][,id] "
-            "(ids default to <moving>_to_<fixed>_<hash of the paths>); a pair is skipped only if "
+            "(ids default to <moving>_to_<fixed>_<hash of the paths>), registered --batch-size "
+            "pairs of one grid at a time; a pair is skipped only if "
             "its stored result was made from the same input files (SHA-256) and settings, else "
             "it is registered again. Every output is verified after writing and the output set "
             "replaces the previous one as a whole."
@@ -162,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("moving", nargs="?", help="moving image, warped onto the fixed image")
     p.add_argument("-o", "--outdir", required=True, help="output folder (created if missing)")
     p.add_argument("--pairs", metavar="CSV", help="cohort mode: CSV of pairs (see below)")
+    p.add_argument(
+        "--batch-size", type=_batch_size_arg, default=None, metavar="N",
+        help="cohort mode: register up to N pairs per solver call (default: 4 on the CPU, 16 "
+        "on a GPU); pairs are batched with others of the same registered grid size and "
+        "spacing (and mask or none), each pair's result is the one it gets alone; 1 registers "
+        "them one by one",
+    )
     p.add_argument("--moving-labels", metavar="LAB", help="label map of the moving image")
     p.add_argument(
         "--fixed-labels", metavar="LAB", help="label map of the fixed image (Dice is reported)"
@@ -530,26 +547,54 @@ def _read_inputs(spec: PairSpec, log: _Log) -> _Inputs:
                    fgeo, resampled, squeeze, mask)
 
 
-def _solve(inputs: _Inputs, settings: Settings, device, bar):
-    """Register on ``device``: ``(displacement (1, ndim, *S) on the file's grid, affine or
-    None, seconds)``."""
+def _solver_tensors(inputs: _Inputs, device):
+    """``(fixed, moving, mask or None, spacing)`` of a pair as the solver takes them: on
+    ``device``, a one-slice volume's slice axis dropped, the spacing of the kept axes."""
+    geo, squeeze = inputs.geometry, inputs.squeeze
+    tensors = [inputs.fixed, inputs.moving, inputs.fixed_mask]
+    tensors = [None if t is None else t.to(device) for t in tensors]
+    if squeeze is not None:
+        tensors = [None if t is None else t.squeeze(2 + squeeze) for t in tensors]
+    spacing = tuple(h for i, h in enumerate(geo.array_spacing) if i != squeeze)
+    return (*tensors, spacing)
+
+
+def _batch_key(inputs: _Inputs) -> tuple:
+    """Pairs with equal keys are registered in one batch: the registered grid (shape, spacing,
+    dtype) and whether a mask weights the data term (every other setting is the cohort's)."""
+    geo, squeeze = inputs.geometry, inputs.squeeze
+    shape = tuple(n for i, n in enumerate(geo.shape) if i != squeeze)
+    spacing = tuple(h for i, h in enumerate(geo.array_spacing) if i != squeeze)
+    return shape, spacing, str(inputs.fixed.dtype), inputs.fixed_mask is not None
+
+
+def _register_kwargs(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments of ``nadmm_torch.register`` for ``settings`` (the validated config
+    as a ready preset where there is one)."""
+    if settings.config is None:
+        return settings.solver_kwargs()
+    return {"preset": settings.config,
+            **({"compile": settings.compile} if settings.compile is not False else {})}
+
+
+def _solve_batch(batch: list[_Inputs], settings: Settings, device, bar):
+    """Register pairs of one :func:`_batch_key` together, in one call of
+    ``nadmm_torch.register`` on ``(B, 1, *S)`` (each batch element is solved on its own: the
+    result of a pair does not depend on the others). The affine stage, with ``--affine``,
+    runs pair by pair. Returns ``((displacements, affines), seconds)``: per pair its
+    displacement ``(1, ndim, *S)`` on the file's grid and its affine (or None); the seconds
+    are the whole batch's."""
     import torch
 
     import nadmm_torch as nt
 
-    geo, squeeze = inputs.geometry, inputs.squeeze
-    kept = [i for i in range(geo.ndim) if i != squeeze]
-    f_dev, m_dev = inputs.fixed.to(device), inputs.moving.to(device)
-    if squeeze is not None:
-        f_dev, m_dev = f_dev.squeeze(2 + squeeze), m_dev.squeeze(2 + squeeze)
-    spacing = tuple(geo.array_spacing[i] for i in kept)
-    kwargs = settings.solver_kwargs()
-    if settings.config is not None:  # validated once already: pass it ready
-        kwargs = {"preset": settings.config, **({"compile": settings.compile}
-                                                if settings.compile is not False else {})}
-    if inputs.fixed_mask is not None:
-        mask = inputs.fixed_mask.to(device)
-        kwargs["mask"] = mask.squeeze(2 + squeeze) if squeeze is not None else mask
+    parts = [_solver_tensors(x, device) for x in batch]
+    f_dev = torch.cat([p[0] for p in parts])
+    m_dev = torch.cat([p[1] for p in parts])
+    spacing = parts[0][3]
+    kwargs = _register_kwargs(settings)
+    if parts[0][2] is not None:
+        kwargs["mask"] = torch.cat([p[2] for p in parts])
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -557,7 +602,8 @@ def _solve(inputs: _Inputs, settings: Settings, device, bar):
     try:
         with _Ticker(bar):
             if settings.affine is not None:
-                A = nt.affine(f_dev, m_dev, spacing=spacing, similarity=settings.affine)
+                A = torch.cat([nt.affine(f_dev[i:i + 1], m_dev[i:i + 1], spacing=spacing,
+                                         similarity=settings.affine) for i in range(len(batch))])
                 kwargs["initial_displacement"] = nt.affine_to_displacement(A, f_dev.shape[2:])
             disp = nt.register(f_dev, m_dev, spacing=spacing, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -565,16 +611,30 @@ def _solve(inputs: _Inputs, settings: Settings, device, bar):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    if A is not None:
-        A = _full_affine(A.detach().cpu().double(), squeeze, geo.ndim)
     disp = disp.detach().to("cpu", torch.float32)
-    if squeeze is not None and tuple(disp.shape) == (1, 2, *f_dev.shape[2:]):
+    if tuple(disp.shape) != (len(batch), len(spacing), *f_dev.shape[2:]):
+        raise CLIError(f"the solver returned a displacement of shape {tuple(disp.shape)}")
+    disps = [_on_file_grid(disp[i:i + 1], x) for i, x in enumerate(batch)]
+    affines = [None if A is None else
+               _full_affine(A[i:i + 1].detach().cpu().double(), x.squeeze, x.geometry.ndim)
+               for i, x in enumerate(batch)]
+    return (disps, affines), seconds
+
+
+def _on_file_grid(disp, inputs: _Inputs):
+    """A pair's displacement ``(1, ndim, *S)`` on the file's grid (a one-slice volume's field
+    gets a zero component along its slice axis)."""
+    import torch
+
+    geo, squeeze = inputs.geometry, inputs.squeeze
+    if squeeze is not None and disp.shape[1] == 2:
+        kept = [i for i in range(geo.ndim) if i != squeeze]
         full = torch.zeros(1, 3, *geo.shape)
         full[:, kept] = disp.unsqueeze(2 + squeeze)
         disp = full
     if tuple(disp.shape) != (1, geo.ndim, *geo.shape):
         raise CLIError(f"the solver returned a displacement of shape {tuple(disp.shape)}")
-    return disp, A, seconds
+    return disp
 
 
 def _score(inputs: _Inputs, disp, log: _Log) -> tuple[Any, Any, Any, dict[str, Any]]:
@@ -707,32 +767,63 @@ def register_pair(
         _check_plot_slice(settings, inputs)
         bar.update(1)
         bar.set_postfix_str(f"registering on {device}")
-        compiling = _compile_notice(settings, inputs, device, log)
-        disp, A, seconds = _solve(inputs, settings, device, bar)
-        _compiled(compiling, seconds, log)
+        (disps, affines), seconds = _solve_compiled([inputs], settings, device, log, bar)
         bar.update(1)
-        bar.set_postfix_str("warping")
-        warped, wlab, detj, metrics = _score(inputs, disp, log)
-        metrics["time_registration_s"] = seconds
-        if A is not None:
-            metrics["affine_voxel_matrix"] = A[0].tolist()
-        result = _Result(disp, A, warped, wlab, detj, metrics)
-        bar.update(1)
-        bar.set_postfix_str("writing")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        base = target if target.is_dir() else target.parent
-        with Staging(base, target=target) as staging:
-            _stage_outputs(staging, spec, inputs, result, settings, log, bar)
-            metrics["time_total_s"] = time.perf_counter() - t_start
-            summary = _summary(spec, inputs, result, settings, device, staging.names(),
-                               resume_key)
-            staging.add("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
-            # The new set replaces the old one whole: outputs of a previous run that this one
-            # did not write (labels, plot) are removed; summary.json moves in last.
-            staging.commit(target, replaces=_KNOWN_OUTPUTS, last=("summary.json",))
-        bar.update(1)
+        solved = _Solved(disps[0], affines[0], seconds, 1)
+        summary = _finish_pair(spec, target, inputs, solved, settings, device, log, bar,
+                               resume_key, t_start)
     finally:
         bar.close()
+    return summary
+
+
+@dataclass
+class _Solved:
+    """A pair's registration: displacement and affine on the file's grid, the seconds of the
+    solver call that registered it and the number of pairs that call registered."""
+
+    displacement: Any
+    affine: Any
+    seconds: float
+    batch: int
+
+
+def _solve_compiled(batch: list[_Inputs], settings: Settings, device, log: _Log, bar):
+    """:func:`_solve_batch`, with the ``--compile`` notices around the first call per batch
+    size and shape."""
+    compiling = _compile_notice(settings, batch[0], device, log, len(batch))
+    out, seconds = _solve_batch(batch, settings, device, bar)
+    _compiled(compiling, seconds, log)
+    return out, seconds
+
+
+def _finish_pair(spec: PairSpec, target: Path, inputs: _Inputs, solved: _Solved,
+                 settings: Settings, device, log: _Log, bar, resume_key: dict[str, Any],
+                 t_start: float) -> dict[str, Any]:
+    """Score a registered pair and write its outputs into ``target`` (all at once); returns
+    its summary. A pair registered in a batch of ``B`` is given ``1 / B`` of the batch's time
+    (``time_registration_s``; ``metrics.batch_size`` says ``B``)."""
+    bar.set_postfix_str("warping")
+    disp, A = solved.displacement, solved.affine
+    warped, wlab, detj, metrics = _score(inputs, disp, log)
+    metrics["time_registration_s"] = solved.seconds / solved.batch
+    metrics["batch_size"] = solved.batch
+    if A is not None:
+        metrics["affine_voxel_matrix"] = A[0].tolist()
+    result = _Result(disp, A, warped, wlab, detj, metrics)
+    bar.update(1)
+    bar.set_postfix_str("writing")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    base = target if target.is_dir() else target.parent
+    with Staging(base, target=target) as staging:
+        _stage_outputs(staging, spec, inputs, result, settings, log, bar)
+        metrics["time_total_s"] = time.perf_counter() - t_start
+        summary = _summary(spec, inputs, result, settings, device, staging.names(), resume_key)
+        staging.add("summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        # The new set replaces the old one whole: outputs of a previous run that this one
+        # did not write (labels, plot) are removed; summary.json moves in last.
+        staging.commit(target, replaces=_KNOWN_OUTPUTS, last=("summary.json",))
+    bar.update(1)
     return summary
 
 
@@ -749,23 +840,30 @@ def _check_plot_slice(settings: Settings, inputs: _Inputs) -> None:
                        f"fixed image has {geo.shape[0]} slices along its first array axis, Z)")
 
 
-# (compile mode, device, registered shape) compiled in this process: torch.compile keeps its
-# compiled code per process, so only the first pair of each compiles.
+# (compile mode, device, registered batch size and shape) compiled in this process:
+# torch.compile keeps its compiled code per process, so only the first call of each compiles.
 _COMPILED: set[tuple[str, str, tuple[int, ...]]] = set()
 
 
-def _compile_notice(settings: Settings, inputs: _Inputs, device, log: _Log):
-    """With ``--compile``, before the first registration of a shape: say that it compiles;
-    returns the key to pass to :func:`_compiled` after it (``None``: nothing to report)."""
+def _compile_notice(settings: Settings, inputs: _Inputs, device, log: _Log, batch: int = 1):
+    """With ``--compile``, before the first registration of a shape (and batch size): say that
+    it compiles; returns the key to pass to :func:`_compiled` after it (``None``: nothing to
+    report)."""
     if settings.compile is False:
         return None
     shape = tuple(n for i, n in enumerate(inputs.geometry.shape) if i != inputs.squeeze)
-    key = (str(settings.compile), str(device), shape)
+    key = (str(settings.compile), str(device), (batch, *shape))
     if key in _COMPILED:
         return None
-    log.info(f"compiling the solver for shape {'x'.join(map(str, shape))} on {device}; the "
+    log.info(f"compiling the solver for shape {_shape_text(key[2])} on {device}; the "
              "first call takes tens of seconds to minutes")
     return key
+
+
+def _shape_text(batch_shape: tuple[int, ...]) -> str:
+    """``10x128x128``, or ``10x128x128 (batch of 4)``."""
+    batch, shape = batch_shape[0], batch_shape[1:]
+    return "x".join(map(str, shape)) + (f" (batch of {batch})" if batch > 1 else "")
 
 
 def _compiled(key, seconds: float, log: _Log) -> None:
@@ -773,7 +871,7 @@ def _compiled(key, seconds: float, log: _Log) -> None:
     if key is None:
         return
     _COMPILED.add(key)
-    log.info(f"the first call for shape {'x'.join(map(str, key[2]))} took {seconds:.1f} s, "
+    log.info(f"the first call for shape {_shape_text(key[2])} took {seconds:.1f} s, "
              "compilation included; later pairs of this shape reuse the compiled solver")
 
 
@@ -1085,54 +1183,173 @@ def _write_cohort_summary(
         staging.commit(outdir)
 
 
-def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, force: bool) -> int:
-    from tqdm import tqdm
+# What fails one pair (reported in its row) rather than the whole cohort.
+_PAIR_ERRORS = (CLIError, OSError, RuntimeError, ValueError)
 
+
+def _error_text(exc: BaseException) -> str:
+    return _one_line(exc) if isinstance(exc, CLIError) else (
+        f"{type(exc).__name__}: {_one_line(exc)}"
+    )
+
+
+def default_batch_size(device) -> int:
+    """``--batch-size`` when not given: 16 pairs per solver call on a GPU, 4 on the CPU."""
+    return 16 if getattr(device, "type", str(device)) == "cuda" else 4
+
+
+def _batch_size_arg(text: str) -> int:
+    """``--batch-size``: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of pairs per solver call, got {text!r}")
+    return value
+
+
+@dataclass
+class _Queued:
+    """A pair read and waiting for its batch."""
+
+    index: int
+    spec: PairSpec
+    target: Path
+    resume_key: dict[str, Any]
+    inputs: _Inputs
+    t_start: float
+
+
+class _CohortRun:
+    """One run over a cohort: pairs are checked against their stored results, read, grouped
+    by :func:`_batch_key` and registered ``batch_size`` at a time (a group is registered once
+    it is full, the rest at the end). Rows are kept in the CSV's order."""
+
+    def __init__(self, specs: list[PairSpec], outdir: Path, settings: Settings, log: _Log,
+                 force: bool, batch_size: int, device) -> None:
+        from tqdm import tqdm
+
+        self.specs, self.outdir, self.settings, self.log = specs, outdir, settings, log
+        self.force, self.batch_size, self.device = force, batch_size, device
+        self.rows: dict[int, dict] = {}
+        self.failed = 0
+        self.groups: dict[tuple, list[_Queued]] = {}
+        self.hashes: dict[str, Any] = {}
+        self.bar = tqdm(total=len(specs), desc=PROG, unit="pair",
+                        disable=True if log.quiet else None, file=sys.stderr)
+
+    def ordered_rows(self) -> list[dict]:
+        return [self.rows[i] for i in sorted(self.rows)]
+
+    def run(self) -> None:
+        for index, spec in enumerate(self.specs):
+            self.bar.set_postfix_str(spec.id)
+            queued = self._prepare(index, spec)
+            if queued is None:
+                continue
+            group = self.groups.setdefault(_batch_key(queued.inputs), [])
+            group.append(queued)
+            if len(group) >= self.batch_size:
+                self._flush(_batch_key(queued.inputs))
+        for key in list(self.groups):
+            self._flush(key)
+
+    def _prepare(self, index: int, spec: PairSpec) -> _Queued | None:
+        """The pair read and checked, or ``None`` if it is skipped (done) or failed."""
+        t_start = time.perf_counter()
+        target = self.outdir / spec.id
+        if target.is_dir():
+            clean_stale(target)
+        key = _resume_key(spec, self.settings, self.hashes)
+        if not self.force:
+            summary, why = _stored_result(target, key)
+            if summary is not None:
+                self._record(index, spec, "skipped", summary, "already done")
+                return None
+            if (target / "summary.json").exists():
+                self.log.info(f"{spec.id}: {why}: registering again")
+        try:
+            inputs = _read_inputs(spec, self.log)
+            _check_plot_slice(self.settings, inputs)
+        except _PAIR_ERRORS as exc:
+            self._fail(index, spec, exc)
+            return None
+        return _Queued(index, spec, target, key, inputs, t_start)
+
+    def _flush(self, key: tuple) -> None:
+        """Register a group: in one batch, or pair by pair if the batch fails (so that the
+        error is reported for the pair that caused it)."""
+        group = self.groups.pop(key)
+        quiet = _stage_bar(1, True, PROG)
+        if len(group) > 1:
+            try:
+                (disps, affines), seconds = _solve_compiled(
+                    [q.inputs for q in group], self.settings, self.device, self.log, quiet)
+            except (*_PAIR_ERRORS, MemoryError) as exc:
+                self.log.info(f"the batch of {len(group)} pairs "
+                              f"({', '.join(q.spec.id for q in group)}) failed "
+                              f"({_error_text(exc)}): registering them one by one")
+            else:
+                for q, d, a in zip(group, disps, affines, strict=True):
+                    self._finish(q, _Solved(d, a, seconds, len(group)))
+                return
+        for q in group:
+            try:
+                (disps, affines), seconds = _solve_compiled(
+                    [q.inputs], self.settings, self.device, self.log, quiet)
+            except _PAIR_ERRORS as exc:
+                self._fail(q.index, q.spec, exc)
+                continue
+            self._finish(q, _Solved(disps[0], affines[0], seconds, 1))
+
+    def _finish(self, q: _Queued, solved: _Solved) -> None:
+        try:
+            summary = _finish_pair(q.spec, q.target, q.inputs, solved, self.settings,
+                                   self.device, self.log, _stage_bar(6, True, PROG),
+                                   q.resume_key, q.t_start)
+        except _PAIR_ERRORS as exc:
+            self._fail(q.index, q.spec, exc)
+            return
+        finally:
+            q.inputs = None  # the images are no longer needed
+        self._record(q.index, q.spec, "done", summary)
+
+    def _fail(self, index: int, spec: PairSpec, exc: BaseException) -> None:
+        self.failed += 1
+        msg = _error_text(exc)
+        self.log.info(f"{spec.id}: failed: {msg}")
+        self._record(index, spec, "failed", None, msg)
+
+    def _record(self, index: int, spec: PairSpec, status: str, summary: dict | None,
+                message: str = "") -> None:
+        self.rows[index] = _row(spec, status, summary, message)
+        self.bar.update(1)
+        if self.bar.disable:  # not on a terminal: a line per pair, for logs
+            self.log.info(_progress_line(len(self.rows), len(self.specs), self.rows[index]))
+
+
+def run_cohort(csv_path: Path, outdir: Path, settings: Settings, log: _Log, force: bool,
+               batch_size: int | None = None) -> int:
+    """Register every pair of ``csv_path`` into ``outdir``, ``batch_size`` pairs of one grid
+    per solver call (default: :func:`default_batch_size`); writes the cohort summary."""
     specs = read_pairs(csv_path)
-    device = str(_device(settings.device))  # fail early on a bad device or setting
+    device = _device(settings.device)  # fail early on a bad device or setting
     _check_settings(settings)
     _prepare_outdir(outdir)
-    rows: list[dict] = []
-    failed = 0
-    bar = tqdm(specs, desc=PROG, unit="pair", disable=True if log.quiet else None,
-               file=sys.stderr)
-    hashes: dict[str, Any] = {}
+    if batch_size is None:
+        batch_size = default_batch_size(device)
+    cohort = _CohortRun(specs, outdir, settings, log, force, batch_size, device)
     try:
-        for spec in bar:
-            bar.set_postfix_str(spec.id)
-            target = outdir / spec.id
-            if target.is_dir():
-                clean_stale(target)
-            key = _resume_key(spec, settings, hashes)
-            if not force:
-                summary, why = _stored_result(target, key)
-                if summary is not None:
-                    rows.append(_row(spec, "skipped", summary, "already done"))
-                    if bar.disable:
-                        log.info(_progress_line(len(rows), len(specs), rows[-1]))
-                    continue
-                if (target / "summary.json").exists():
-                    log.info(f"{spec.id}: {why}: registering again")
-            try:
-                summary = register_pair(
-                    spec, target, settings, log, show_progress=False, resume_key=key
-                )
-                rows.append(_row(spec, "done", summary))
-            except (CLIError, OSError, RuntimeError, ValueError) as exc:
-                failed += 1
-                msg = _one_line(exc) if isinstance(exc, CLIError) else (
-                    f"{type(exc).__name__}: {_one_line(exc)}"
-                )
-                log.info(f"{spec.id}: failed: {msg}")
-                rows.append(_row(spec, "failed", None, msg))
-            if bar.disable:  # not on a terminal: a line per pair, for logs
-                log.info(_progress_line(len(rows), len(specs), rows[-1]))
+        cohort.run()
     except KeyboardInterrupt:
-        bar.close()
-        _write_cohort_summary(outdir, rows, settings, device)
+        cohort.bar.close()
+        _write_cohort_summary(outdir, cohort.ordered_rows(), settings, str(device))
         raise
-    bar.close()
-    _write_cohort_summary(outdir, rows, settings, device)
+    cohort.bar.close()
+    rows, failed = cohort.ordered_rows(), cohort.failed
+    _write_cohort_summary(outdir, rows, settings, str(device))
     n_skip = sum(r["status"] == "skipped" for r in rows)
     n_done = sum(r["status"] == "done" for r in rows)
     log.out(
@@ -1177,10 +1394,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.pairs:
         if args.fixed or args.moving or args.moving_labels or args.fixed_labels:
             raise CLIError("--pairs takes no FIXED/MOVING arguments or label options")
-        return run_cohort(Path(args.pairs), outdir, settings, log, args.force)
+        return run_cohort(Path(args.pairs), outdir, settings, log, args.force, args.batch_size)
 
     if not args.fixed or not args.moving:
         raise CLIError("FIXED and MOVING images are required (or --pairs CSV)")
+    if args.batch_size is not None:
+        raise CLIError("--batch-size applies to cohort mode (--pairs CSV) only")
     spec = PairSpec(
         fixed=Path(args.fixed).expanduser(),
         moving=Path(args.moving).expanduser(),

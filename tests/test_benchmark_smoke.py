@@ -55,3 +55,20 @@ def test_interleaved_timing_alternates_both_methods():
     out = speed.interleaved(fixed, moving, s.spacing, "crop", rounds=2)
     assert out["rounds"] == 2 and len(out["times"]["fast"]) == len(out["times"]["demons"]) == 2
     assert out["ratio"] == pytest.approx(out["fast_seconds"] / out["demons_seconds"])
+
+
+def test_cohort_benchmark_writes_its_table(tmp_path, capsys):
+    """``benchmarks/cohort.py``, solver part, two ACDC pairs (skipped without the data)."""
+    data = REPO.parent / "shared" / "data" / "acdc"
+    data = data if data.is_dir() else REPO.parent.parent / "shared" / "data" / "acdc"
+    if not (data / "pairs.csv").is_file():
+        pytest.skip(f"ACDC data not found ({data})")
+    cohort = _load("cohort")
+    out = tmp_path / "cohort.json"
+    assert cohort.main(["--json", str(out), "--data", str(data), "--batches", "1,2",
+                        "--rounds", "1", "--pairs", "2", "--no-compile", "--no-cli"]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["mode"], r["batch"]) for r in doc["solver"]["rows"]] == [("eager", 1),
+                                                                        ("eager", 2)]
+    assert doc["solver"]["rows"][1]["max_abs_diff_vs_batch1_eager"] < 1e-3
+    assert "| solver, eager | common (2) | 2 |" in capsys.readouterr().out

@@ -100,7 +100,7 @@ def _known_field(fixed: torch.Tensor, moving: torch.Tensor, *, spacing=None, **k
         y, x = axes
         d = torch.stack([3.0 * torch.sin(np.pi * x) * torch.sin(np.pi * y),
                          -2.5 * torch.sin(2 * np.pi * y) * torch.sin(np.pi * x)])
-    return d[None].to(fixed)
+    return d[None].expand(fixed.shape[0], *d.shape).to(fixed)  # one per batch element
 
 
 def _dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
@@ -365,7 +365,7 @@ def test_cohort_is_resumable(tmp_path, monkeypatch, capsys):
     calls = []
 
     def counting(fixed, moving, **kw):
-        calls.append(1)
+        calls.extend([1] * fixed.shape[0])  # one per pair (a batch registers several)
         return _known_field(fixed, moving)
 
     monkeypatch.setattr(nadmm_torch, "register", counting)
@@ -402,7 +402,9 @@ def test_cohort_interrupt_leaves_no_partial_pair(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(nadmm_torch, "register", interrupted_on_second)
     csv_path = _cohort(tmp_path)
     out = tmp_path / "cohort"
-    rc, stdout, err = _run(["--pairs", csv_path, "-o", out], capsys)
+    # One pair per solver call: the second pair is interrupted (tests/test_cohort_batch.py
+    # interrupts a batch).
+    rc, stdout, err = _run(["--pairs", csv_path, "-o", out, "--batch-size", "1"], capsys)
     assert rc == 130
     assert "interrupted" in err
     assert (out / "a" / "summary.json").is_file()
@@ -430,7 +432,8 @@ def test_cohort_sigint_in_a_real_process(tmp_path):
             return _known_field(fixed, moving)
         nadmm_torch.register = slow
         from nadmm_torch.cli import main
-        sys.exit(main(["--pairs", {str(csv_path)!r}, "-o", {str(out)!r}, "--quiet"]))
+        sys.exit(main(["--pairs", {str(csv_path)!r}, "-o", {str(out)!r}, "--quiet",
+                       "--batch-size", "1"]))
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

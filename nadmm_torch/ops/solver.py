@@ -379,9 +379,10 @@ def repair_folds(
         region = pool(bad, kernel_size=5, stride=1, padding=2) > 0
         d = torch.where(region, _box_smooth(d), d)
     for _ in range(10 * max_rounds):  # global smoothing tends to a constant field (det 1)
-        if not bool(folded(d).any()):
+        still = folded(d).flatten(1).any(dim=1)  # (B,): only those batch elements are smoothed,
+        if not bool(still.any()):  # so a pair's field does not depend on its batch
             return d
-        d = _box_smooth(d)
+        d = torch.where(still.view(-1, *([1] * (d.dim() - 1))), _box_smooth(d), d)
     if bool(folded(d).any()):
         warnings.warn(
             "repair_folds: the displacement still folds after smoothing; it is returned as is",
