@@ -127,7 +127,8 @@ def _add_solver_arguments(p: argparse.ArgumentParser) -> None:
         help="any other solver setting (repeatable), e.g. --set iterations=5 --set "
         "warps=3,3,0; keys: levels, iterations, warps, tol_admm, tol_warp, accelerated, "
         "restart, restart_eta, safeguard, min_jacobian, boundary (neumann|periodic), normalize "
-        "(percentile|minmax|none), lam_scaling (gradient|none), anisotropic_pyramid, "
+        "(percentile|minmax|none), lam_scaling (gradient|none), theta_scaling (spectral|none), "
+        "anisotropic_pyramid, "
         "min_level_size, frozen_axes, features (none|mind)",
     )
     p.add_argument(

@@ -21,7 +21,8 @@ split of the ACDC development data by ``benchmarks/tune_nadmm.py`` (record:
 ``lam_scaling="gradient"`` they are re-expressed relative to the pair's gradient energy (see
 :data:`ACDC_GRADIENT_RMS`).
 θ, the ADMM penalty, does not change the convex model's minimiser; with capped iterations a
-small θ acts as extra smoothing.
+small θ acts as extra smoothing; with the default ``theta_scaling="spectral"`` it is
+re-expressed relative to the pair's characteristic frequency (see :data:`ACDC_SPECTRAL_K2`).
 """
 
 from __future__ import annotations
@@ -90,9 +91,19 @@ TUNED.update({("balanced", dt, n): v for (p, dt, n), v in list(TUNED.items()) if
 # model on ACDC takes λ × RMS² (l2) or λ × RMS (l1): :func:`_preset_settings` converts.
 ACDC_GRADIENT_RMS = (0.1774, 0.1638, 0.1474)
 LAM_SCALINGS = ("gradient", "none")
+# Squared characteristic frequency k² = mean |Δ_h I|² / mean |∇_h I|² (mm⁻², both images,
+# percentile-normalised; :func:`nadmm_torch.ops.solver.spectral_scale`) of the ACDC tuning
+# pairs per pyramid level (coarse → fine), mean over the 60 pairs (``benchmarks/theta_rule.py
+# --reference``). TUNED holds θ in absolute units (``theta_scaling="none"``); with the default
+# ``theta_scaling="spectral"`` the solver multiplies θ by the pair's own k²ⁿ at each level, so
+# the presets' θ are divided by this reference's k²ⁿ: ACDC sees the same θ on an average pair.
+ACDC_SPECTRAL_K2 = (0.02609, 0.08526, 0.2753)
+THETA_SCALINGS = ("spectral", "none")
 
 SETTINGS_FORMAT = "nadmm-torch-settings"
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2
+# Version 1 files predate ``theta_scaling``: their θ is absolute (read as ``"none"``).
+SETTINGS_THETA_RELATIVE = 2
 
 # λ and θ bounds that keep the solver's float32 arithmetic finite (λ h^-2n, 1/θ): beyond them
 # a field silently comes back zero or an overflow error is raised from deep inside.
@@ -123,6 +134,10 @@ class SolverConfig:
     Measured on brain2d (``benchmarks/multimodal.py``): MIND's Dice moves by 0.013 over λ/16
     … 4λ, and the preset's λ is within 0.008 of the best of that sweep (λ/16); no separate
     rule for features is needed.
+    ``lam_scaling``/``theta_scaling``: ``"gradient"``/``"spectral"`` (defaults) make λ and θ
+    relative to each pair's content at each level (λ to its gradient energy, θ to its
+    characteristic frequency ``k²ⁿ``, :func:`nadmm_torch.ops.solver.spectral_scale`), so one
+    preset holds across domains; ``"none"``: absolute values, for images in [0, 1] and mm.
     """
 
     data_term: str = "l2"
@@ -142,6 +157,7 @@ class SolverConfig:
     boundary: str = "neumann"
     normalize: str = "percentile"
     lam_scaling: str = "gradient"
+    theta_scaling: str = "spectral"
     anisotropic_pyramid: bool = True
     min_level_size: int = 4
     frozen_axes: tuple[int, ...] | str = ()
@@ -312,6 +328,7 @@ OPTION_CHECKS = {
     "boundary": _boundary,
     "normalize": _normalize,
     "lam_scaling": lambda v, n: check_choice(v, n, LAM_SCALINGS) or v,
+    "theta_scaling": lambda v, n: check_choice(v, n, THETA_SCALINGS) or v,
     "anisotropic_pyramid": check_bool,
     "min_level_size": lambda v, n: check_int(v, n, 1),
     "frozen_axes": _frozen_axes,
@@ -354,6 +371,11 @@ def _preset_settings(preset: str, data_term: str, order: int, options: dict) -> 
         lam = lam if isinstance(lam, tuple) else (lam,) * levels
         ref = _per_resolution(ACDC_GRADIENT_RMS, levels)
         settings["lam"] = tuple(v * r**power for v, r in zip(lam, ref))
+    if "theta" not in options and settings.get("theta_scaling", "spectral") == "spectral":
+        theta = settings["theta"]
+        theta = theta if isinstance(theta, tuple) else (theta,) * levels
+        ref = _per_resolution(ACDC_SPECTRAL_K2, levels)
+        settings["theta"] = tuple(v / r**order for v, r in zip(theta, ref))
     return settings
 
 
@@ -417,4 +439,6 @@ def read_settings(path: str | os.PathLike) -> dict:
     out = dict(preset=doc["preset"], data_term=doc["data_term"], order=doc["order"])
     for name, value in doc.get("overrides", {}).items():
         out[name] = tuple(value) if isinstance(value, list) else value
+    if doc.get("version", 0) < SETTINGS_THETA_RELATIVE:
+        out.setdefault("theta_scaling", "none")
     return out

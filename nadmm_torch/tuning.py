@@ -260,6 +260,8 @@ def _settings(model: NADMMRegistration, preset, data_term, order, overrides) -> 
     values = model.hyperparameters(torch.float64)
     for name in ("lam", "theta"):
         out[name] = [float(v.detach().flatten()[0]) for v in values[name]]
+    for name in ("lam_scaling", "theta_scaling"):  # the units of the values above
+        out[name] = getattr(model.config, name)
     return dict(format=SETTINGS_FORMAT, version=SETTINGS_VERSION, preset=preset,
                 data_term=data_term, order=order, overrides=out,
                 learned=sorted(model.learnable))

@@ -12,6 +12,7 @@ commit) with ``python -m tests.regression_cases``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ import nadmm_torch as nt
 from nadmm_torch.data.sample import load_sample
 
 REFERENCE = Path(__file__).parent / "data" / "regression_displacements.npz"
+# The cases pinned before θ became relative to the images' frequency: absolute θ.
+_register = partial(nt.register, theta_scaling="none")
+_Model = partial(nt.NADMMRegistration, theta_scaling="none")
 
 
 @contextmanager
@@ -75,32 +79,35 @@ def _perturb(model: nt.NADMMRegistration) -> nt.NADMMRegistration:
 
 
 def cases():
-    """``name -> function returning the displacement`` (a float tensor)."""
+    """``name -> function returning the displacement`` (a float tensor). The cases pinned
+    before θ became relative to the images' frequency (``theta_scaling="spectral"``) run with
+    ``theta_scaling="none"``; the ``-spectral`` cases pin the default."""
     (f2, m2, h2), (f3, m3, h3) = _crops()
-    out = {}
+    out = _spectral_cases(f2, m2, h2, f3, m3, h3)
+
     for preset in ("fast", "paper"):
         for data_term in ("l2", "l1"):
             for order in (1, 2, 3):
                 out[f"2d-{preset}-{data_term}-o{order}"] = (
-                    lambda p=preset, t=data_term, o=order: nt.register(
+                    lambda p=preset, t=data_term, o=order: _register(
                         f2, m2, spacing=h2, preset=p, data_term=t, order=o
                     )
                 )
-    out["2d-accurate-l2-o2"] = lambda: nt.register(f2, m2, spacing=h2, preset="accurate")
-    out["2d-fast-l2-o2-float64"] = lambda: nt.register(f2.double(), m2.double(), spacing=h2)
-    out["2d-paper-l1-o2-float64"] = lambda: nt.register(
+    out["2d-accurate-l2-o2"] = lambda: _register(f2, m2, spacing=h2, preset="accurate")
+    out["2d-fast-l2-o2-float64"] = lambda: _register(f2.double(), m2.double(), spacing=h2)
+    out["2d-paper-l1-o2-float64"] = lambda: _register(
         f2.double(), m2.double(), spacing=h2, preset="paper", data_term="l1"
     )
-    out["2d-fast-l2-o2-initial"] = lambda: nt.register(
+    out["2d-fast-l2-o2-initial"] = lambda: _register(
         f2, m2, spacing=h2, initial_displacement=_initial(f2.shape[2:])
     )
-    out["2d-paper-l2-o2-overrides"] = lambda: nt.register(
+    out["2d-paper-l2-o2-overrides"] = lambda: _register(
         f2, m2, spacing=h2, preset="paper", lam=0.7, theta=(0.01, 0.002, 0.001), tol_admm=1e-3,
         boundary="periodic", restart=False,
     )
 
     def learned(preset, learnable, schedule, data_term="l2", dtype=torch.float32):
-        model = _perturb(nt.NADMMRegistration(
+        model = _perturb(_Model(
             preset, data_term=data_term, learnable=learnable, schedule=schedule
         ))
         with torch.no_grad():
@@ -112,20 +119,31 @@ def cases():
     out["2d-fast-learn-theta-float64"] = lambda: learned(
         "fast", "theta", "level", dtype=torch.float64
     )
-    out["3d-fast-l2-o2"] = lambda: nt.register(f3, m3, spacing=h3)
-    out["3d-paper-l1-o2"] = lambda: nt.register(f3, m3, spacing=h3, preset="paper", data_term="l1")
-    out["3d-fast-l2-o3-initial-thick"] = lambda: nt.register(
+    out["3d-fast-l2-o2"] = lambda: _register(f3, m3, spacing=h3)
+    out["3d-paper-l1-o2"] = lambda: _register(f3, m3, spacing=h3, preset="paper", data_term="l1")
+    out["3d-fast-l2-o3-initial-thick"] = lambda: _register(
         f3, m3, spacing=h3, order=3, frozen_axes="thick",
         initial_displacement=_initial(f3.shape[2:]) * torch.tensor([0.0, 1, 1]).view(1, 3, 1, 1, 1),
     )
     return out
 
 
+def _spectral_cases(f2, m2, h2, f3, m3, h3) -> dict:
+    return {
+        "2d-fast-l2-o2-spectral": lambda: nt.register(f2, m2, spacing=h2),
+        "2d-paper-l1-o2-spectral": lambda: nt.register(f2, m2, spacing=h2, preset="paper",
+                                                        data_term="l1"),
+        "3d-balanced-l2-o2-spectral": lambda: nt.register(f3, m3, spacing=h3,
+                                                           preset="balanced"),
+    }
+
+
 def main() -> None:
     torch.set_num_threads(1)
     arrays = {}
     for name, fn in cases().items():
-        d = fn()
+        with pre_refactor_rounding():
+            d = fn()
         arrays[name] = d.detach().cpu().numpy()  # float32 or float64, as computed
         print(name, tuple(d.shape), d.dtype)
     REFERENCE.parent.mkdir(exist_ok=True)

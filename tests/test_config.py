@@ -18,11 +18,13 @@ def crop():
 
 
 def test_from_preset_builds_the_preset_and_the_old_names_are_aliases():
-    cfg = SolverConfig.from_preset("paper", "l1", 3, tol_warp=0.1, lam_scaling="none")
+    cfg = SolverConfig.from_preset("paper", "l1", 3, tol_warp=0.1, lam_scaling="none",
+                                   theta_scaling="none")
     assert (cfg.data_term, cfg.order, cfg.tol_warp) == ("l1", 3, 0.1)
     assert (cfg.lam, cfg.theta) == TUNED[("paper", "l1", 3)]
     assert cfg.iterations == PRESETS["paper"]["iterations"]
-    assert nt.preset_config("paper", "l1", 3, tol_warp=0.1, lam_scaling="none") == cfg
+    assert nt.preset_config("paper", "l1", 3, tol_warp=0.1, lam_scaling="none",
+                            theta_scaling="none") == cfg
     assert SolverConfig.from_preset() == SolverConfig.from_preset("fast", "l2", 2)
     assert SolverConfig.from_preset(cfg) is cfg  # a ready config passes through
 
@@ -135,13 +137,15 @@ def test_classical_float64_solve_gets_exactly_the_configured_values(monkeypatch)
 
     monkeypatch.setattr(solver, "nesterov_admm", spy)
     f, m, h = crop()
-    model = nt.NADMMRegistration("paper", lam=0.1, theta=(0.003, 0.002, 0.001), warps=1)
+    model = nt.NADMMRegistration("paper", lam=0.1, theta=(0.003, 0.002, 0.001), warps=1,
+                                 theta_scaling="none")
     assert list(model.parameters()) == [] and list(model.buffers()) == []
     model(f.double(), m.double(), spacing=h)
     assert [(lam.dtype, float(lam)) for lam, _ in seen] == [(torch.float64, 0.1)] * 3
     assert [float(theta) for _, theta in seen] == [0.003, 0.002, 0.001]
     seen.clear()
-    learned = nt.NADMMRegistration("paper", lam=0.1, learnable="lambda", warps=1)
+    learned = nt.NADMMRegistration("paper", lam=0.1, learnable="lambda", warps=1,
+                                   theta_scaling="none")
     learned(f.double(), m.double(), spacing=h)
     assert [float(theta) for _, theta in seen] == [0.001] * 3  # θ still exact
     assert all(lam.requires_grad for lam, _ in seen)

@@ -100,6 +100,8 @@ def _shifted_inverse_matrix(h: Tensor, beta: Schedule) -> Tensor:
     """``(I + βH)⁻¹`` per voxel for symmetric ``H`` ``(B, n, n, *S)``, ``n`` in {2, 3}: the
     adjugate over the determinant, written out (vectorised, no per-voxel LAPACK call)."""
     n = h.shape[1]
+    if isinstance(beta, Tensor) and beta.dim() == h.dim() - 1:  # (B, 1, …): one per element
+        beta = beta.squeeze(1)
     a = [[(1.0 if i == j else 0.0) + beta * h[:, i, j] for j in range(n)] for i in range(n)]
     if n == 2:
         det = a[0][0] * a[1][1] - a[0][1] * a[0][1]
@@ -186,13 +188,14 @@ class ADMMInfo:
 
 def _at(x: Schedule, k: int) -> Schedule:
     """Value of a scalar-or-schedule at iteration ``k``."""
-    if isinstance(x, Tensor) and x.dim() == 1:
+    if _is_schedule(x):
         return x[k]
     return x
 
 
 def _is_schedule(x: Schedule) -> bool:
-    return isinstance(x, Tensor) and x.dim() == 1
+    """A ``(K,)`` tensor, or a sequence of K per-element ``(B, 1, …)`` tensors."""
+    return (isinstance(x, Tensor) and x.dim() == 1) or isinstance(x, (list, tuple))
 
 
 def _needs_grad(x) -> bool:
@@ -225,6 +228,8 @@ def nesterov_weights(iterations: int) -> list[float]:
 
 def _residual_measure(e: Tensor, du: Tensor, theta: Schedule) -> Tensor:
     """``θ (‖e‖² + ‖Δu‖²)`` per batch element: the combined residual of the restart test."""
+    if isinstance(theta, Tensor) and theta.dim() > 1:  # one θ per batch element
+        theta = theta.flatten()
     return theta * (_batch_norm(e) ** 2 + _batch_norm(du) ** 2)
 
 
@@ -308,7 +313,9 @@ def nesterov_admm(
             ``(B, C, ndim, *S)``, the gradient of each of its ``C`` channels.
         c: ``(B, 1, *S)`` residual ``warped − fixed``, or ``(B, C, *S)`` with ``C`` channels
             (then ``data_term="l2"``: the terms of the channels add up).
-        lam, theta: data weight λ and penalty θ: floats, 0-d tensors, or ``(K,)`` schedules.
+        lam, theta: data weight λ and penalty θ: floats, 0-d tensors, or ``(K,)`` schedules;
+            θ may also be a ``(B, 1, *[1]*ndim)`` tensor, one value per batch element, or a
+            list of K of them (a per-iteration schedule per element).
         iterations: maximum number of iterations ``K``.
         order: regulariser order ``n ≥ 1``.
         spacing: ``ndim`` spacings of the regulariser (default 1).
@@ -336,14 +343,21 @@ def nesterov_admm(
     )
     if plain_inference:
         u, n_restart = _admm_in_place(
-            g, c, ops.coef, ops.mult, float(theta), data_term, iterations, accelerated, restart,
-            restart_eta, host=g.device.type == "cpu",
+            g, c, ops.coef, ops.mult, _host_theta(theta), data_term, iterations, accelerated,
+            restart, restart_eta, host=g.device.type == "cpu",
         )  # fmt: skip
         n_iter = torch.full((g.shape[0],), iterations, dtype=torch.long, device=g.device)
         return u, ADMMInfo(iterations=n_iter, restarts=n_restart)
     state = _Momentum(g.shape[0], g.dtype, g.device, accelerated, restart, restart_eta)
     return _admm_loop(g, c, ops, lam, theta, iterations, boundary, state, momentum, tol, record,
                       callback)
+
+
+def _host_theta(theta) -> float | Tensor:
+    """θ for the in-place loop: a float, or the ``(B, 1, …)`` tensor of per-element values."""
+    if isinstance(theta, Tensor) and theta.numel() > 1:
+        return theta.detach()
+    return float(theta)
 
 
 def _linearisation(g: Tensor, c: Tensor, data_term: str) -> tuple[Tensor, Tensor, str]:
@@ -459,7 +473,7 @@ def _admm_in_place(
     c: Tensor,
     coef,
     mult: Tensor,
-    theta: float,
+    theta: float | Tensor,
     data_term: str,
     iterations: int,
     accelerated: bool,
@@ -486,18 +500,24 @@ def _admm_in_place(
     r = torch.empty_like(c)
     state = _Momentum(batch, torch.float64 if host else g.dtype, "cpu" if host else g.device,
                       accelerated, restart, restart_eta)
+    per_element = isinstance(theta, Tensor)
+    if per_element:
+        neg_inv_theta = (-1.0 / theta.double()).to(g.dtype)
     for _ in range(iterations):
         # w = û − b̂/θ  (into `work`), then the v-step into `v`
-        torch.add(u_hat, b_hat, alpha=-1.0 / theta, out=work)
+        if per_element:  # −1/θ rounded as the scalar path rounds it: same numbers per element
+            torch.addcmul(u_hat, b_hat, neg_inv_theta, out=work)
+        else:
+            torch.add(u_hat, b_hat, alpha=-1.0 / theta, out=work)
         _v_step_into(v, work, g, c, coef, data_term, e, r)
         # u-step: u_new = T⁻¹ (mult · T (θ v + b̂))
-        torch.add(b_hat, v, alpha=theta, out=work)
+        _add_scaled(b_hat, v, theta, work)
         spec = dct_into(work, spectral)
         spec.mul_(mult)
         u_new.copy_(dct_into(spec, (work, spectral[0] if spec is spectral[1] else spectral[1]),
                              inverse=True))
         torch.sub(v, u_new, out=e)
-        torch.add(b_hat, e, alpha=theta, out=b_new)
+        _add_scaled(b_hat, e, theta, b_new)
         torch.sub(u_new, u, out=du)
         alpha, state.t = state.alpha(e, du, theta)
         alpha_b = alpha.to(g.dtype).view(bshape)
@@ -507,6 +527,14 @@ def _admm_in_place(
         u, u_new = u_new, u
         b, b_new = b_new, b
     return u, state.restarts.to(g.device)
+
+
+def _add_scaled(x: Tensor, y: Tensor, theta: float | Tensor, out: Tensor) -> None:
+    """``out = x + θ y`` for a scalar θ or a per-element ``(B, 1, …)`` θ."""
+    if isinstance(theta, Tensor):
+        torch.addcmul(x, y, theta, out=out)
+    else:
+        torch.add(x, y, alpha=theta, out=out)
 
 
 def _v_step_into(v: Tensor, w: Tensor, g: Tensor, c: Tensor, coef, data_term: str,

@@ -6,6 +6,7 @@ displacement and every hyperparameter tensor (λ, θ, momentum and step-scale sc
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -58,6 +59,7 @@ class SolverSettings(Protocol):
     boundary: str
     normalize: str
     lam_scaling: str
+    theta_scaling: str
     anisotropic_pyramid: bool
     min_level_size: int
     frozen_axes: tuple[int, ...] | str
@@ -233,6 +235,35 @@ def gradient_scale(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) ->
         energy.append(g.pow(2).sum(1).flatten(1).mean(1))
     rms = (0.5 * (energy[0] + energy[1])).sqrt()
     return rms.clamp_min(torch.finfo(fixed.dtype).eps).view(-1, *([1] * (fixed.dim() - 1)))
+
+
+def spectral_scale(
+    fixed: Tensor, moving: Tensor, spacing: Sequence[float], mask: Tensor | None = None
+) -> Tensor:
+    """Squared characteristic frequency of a pair, ``k² = mean |Δ_h I|² / mean |∇_h I|²``
+    (physical units, mm⁻²; central differences), the mean of both images' ratios, ``(B,)``.
+
+    The u-step low-passes the velocity where the regulariser's symbol ``h²Λ_n`` (units
+    mm⁻²ⁿ) reaches θ, so θ relative to ``k²ⁿ`` places that cut-off relative to the scale of
+    the images' own structures: finely structured images (cortex) keep finer deformations
+    than coarse ones (a heart) at the same relative θ. Invariant to contrast. ``mask``
+    ``(1, ndim, 1, …)`` drops frozen axes; ``C > 1`` channels: the mean over channels. Clamped
+    to ``[1e-4, 1] (π/h_min)²`` so that a ramp (no curvature) or a constant image still gives
+    a positive, finite θ.
+    """
+    batch = fixed.shape[0]
+    f, m = _channels_as_batch(fixed), _channels_as_batch(moving)
+    ratios = []
+    for x in (f, m):
+        g = spatial_gradient(x, spacing)[:, 0]  # (B·C, ndim, *S)
+        if mask is not None:
+            g = g * mask
+        lap = sum(spatial_gradient(g[:, a:a + 1], spacing)[:, 0, a] for a in range(g.shape[1]))
+        energy = g.pow(2).sum(1).flatten(1).mean(1)
+        ratios.append(lap.pow(2).flatten(1).mean(1) / energy.clamp_min(torch.finfo(x.dtype).tiny))
+    nyquist = (math.pi / min(spacing)) ** 2
+    k2 = (0.5 * (ratios[0] + ratios[1])).clamp(1e-4 * nyquist, nyquist)
+    return k2.view(batch, -1).mean(1)
 
 
 def constant_elements(fixed: Tensor, moving: Tensor) -> Tensor:
@@ -542,6 +573,9 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
     weight = _data_weight(run, size)
     d = _level_start(run, d, size)
     admm_kwargs = _admm_settings(run, level, level_spacing)
+    if config.theta_scaling == "spectral":  # θ relative to the pair's k²ⁿ here
+        k2n = spectral_scale(f_l, m_l, level_spacing, run.keep).pow(config.order)
+        admm_kwargs["theta"] = _relative_theta(admm_kwargs["theta"], k2n, d.dim())
     scales = _level_value(run.step_scale, level) if run.step_scale is not None else None
     active = torch.ones(run.fixed.shape[0], dtype=torch.bool, device=run.fixed.device)
     if run.diag is not None:
@@ -552,6 +586,18 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
         if config.tol_warp is not None and not bool(active.any()):
             break
     return d
+
+
+def _relative_theta(theta, k2n: Tensor, dim: int):
+    """θ (a number, 0-d tensor or ``(K,)`` schedule) times each element's ``k²ⁿ`` ``(B,)``:
+    one element keeps θ's form; several get ``(B, 1, …)`` values (a list of K of them for a
+    schedule), which :func:`nesterov_admm` applies per element."""
+    if k2n.shape[0] == 1:
+        return theta * k2n.reshape(())
+    per_element = k2n.view(-1, *([1] * (dim - 1)))
+    if isinstance(theta, Tensor) and theta.dim() == 1:
+        return [t * per_element for t in theta]
+    return theta * per_element
 
 
 def _level_start(run: _Run, d: Tensor | None, size: tuple[int, ...]) -> Tensor:
