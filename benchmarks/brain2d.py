@@ -14,7 +14,7 @@ registers the fixed image to that resampled moving image, on the raw intensities
 method normalises as it does itself). Methods:
 
 * ``affine``: the affine stage alone (identity deformable step);
-* ``nadmm-{fast,paper,accurate}-{l2,l1}-o{1,2,3}``: :func:`nadmm_torch.register` with the
+* ``nadmm-{fast,balanced,paper,accurate}-{l2,l1}-o{1,2,3}``: :func:`nadmm_torch.register` with the
   preset's defaults, ``spacing=(1, 1)`` (``--nadmm-options`` adds solver overrides, JSON);
 * ``demons``: SimpleITK diffeomorphic demons, 2D, in-plane pyramid shrink 4/2/1 with Gaussian
   smoothing, ``--demons-iterations`` (100, 60, 30) and field σ ``--demons-sigma`` 1.0 (the
@@ -53,7 +53,7 @@ DEFAULT_DATA = REPO / ".." / "shared" / "data" / "brain2d"
 DEFAULT_CACHE = REPO / "benchmarks" / "records" / "cache" / "brain2d"
 NADMM_METHODS = [
     f"nadmm-{p}-{t}-o{o}"
-    for p in ("fast", "paper", "accurate")
+    for p in ("fast", "balanced", "paper", "accurate")
     for t in ("l2", "l1")
     for o in (1, 2, 3)
 ]

@@ -23,7 +23,9 @@ def test_compiled_inference_equals_eager_on_the_sample():
     compiled = nt.register(fixed, moving, compile=True, **kw)
     again = nt.register(fixed, moving, compile=True, **kw)  # cached graphs
     assert eager.abs().max() > 0.5  # the pair moves: a real comparison
-    assert torch.allclose(compiled, eager, atol=1e-4, rtol=0)
+    # l1 on float32: the same pair in float64 differs by 1.7e-4–3.3e-4 voxel (its clamps
+    # amplify rounding), so compiled and eager agree to that precision, not better.
+    assert torch.allclose(compiled, eager, atol=5e-4, rtol=0)
     assert torch.equal(again, compiled)
 
 

@@ -192,7 +192,7 @@ def test_gradient_scaling_equals_lambda_divided_by_the_gradient_energy(data_term
     f, m = _blob_pair(1)
     rms = float(gradient_scale(f, m))
     common = dict(levels=1, iterations=(5,), warps=(3,), normalize="none", data_term=data_term,
-                  theta=0.1)
+                  theta=0.1, theta_scaling="none")
     lam = 0.5
     d_grad, _ = solve(f, m, SolverConfig(lam=lam, lam_scaling="gradient", **common))
     d_none, _ = solve(f, m, SolverConfig(lam=lam / rms**power, lam_scaling="none", **common))

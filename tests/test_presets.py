@@ -34,7 +34,7 @@ def test_presets_match_the_tuning_record():
 def test_preset_config_uses_tuned_values_and_overrides(preset):
     # TUNED holds λ in intensity units: lam_scaling="none" takes it as it is (the default,
     # "gradient", converts it: tests/test_normalise.py).
-    cfg = preset_config(preset, "l1", 3, lam_scaling="none")
+    cfg = preset_config(preset, "l1", 3, lam_scaling="none", theta_scaling="none")
     assert (cfg.lam, cfg.theta) == TUNED[(preset, "l1", 3)]
     assert preset_config(preset, "l2", 2, lam=5.0).lam == 5.0
     nearest = preset_config(preset, "l2", 5, lam_scaling="none")
@@ -45,10 +45,11 @@ def test_per_level_tuned_values_follow_an_overridden_pyramid():
     lam, theta = TUNED[("fast", "l2", 2)]
     assert isinstance(lam, tuple) and len(lam) == 3  # per level, coarse → fine
     two = preset_config("fast", "l2", 2, levels=2, iterations=(5, 5), warps=(5, 5),
-                        lam_scaling="none")
+                        lam_scaling="none", theta_scaling="none")
     assert two.lam == lam[1:] and two.theta == theta[1:]  # the finest two resolutions
     four = preset_config("fast", "l2", 2, levels=4, iterations=5, warps=(5, 5, 5, 0),
-                         lam_scaling="none")
+                         lam_scaling="none", theta_scaling="none")
     assert four.lam == (lam[0], *lam) and four.theta == (theta[0], *theta)
-    given = preset_config("fast", "l2", 2, levels=2, iterations=5, warps=5, lam=0.5)
+    given = preset_config("fast", "l2", 2, levels=2, iterations=5, warps=5, lam=0.5,
+                          theta_scaling="none")
     assert given.lam == 0.5 and given.theta == theta[1:]

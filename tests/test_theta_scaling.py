@@ -152,3 +152,20 @@ def test_per_iteration_theta_schedules_are_applied_per_element():
         for i in range(2):
             alone = model(f[i:i + 1], m[i:i + 1])
             assert (together[i:i + 1].detach() - alone).abs().max() < 1e-5
+
+
+def test_the_data_mask_weights_the_characteristic_frequency():
+    f, m = blobs((24, 24), seed=13), blobs((24, 24), seed=14)
+    k = spectral_scale(f, m, (1.0, 1.0))
+    ones = torch.ones(1, 1, 24, 24, dtype=f.dtype)
+    assert spectral_scale(f, m, (1.0, 1.0), weight=ones).item() == pytest.approx(k.item(),
+                                                                                  rel=1e-12)
+    mask = torch.zeros_like(ones)
+    mask[..., 4:20, 4:20] = 1.0
+    noisy = f.clone()
+    noisy[..., :, :2] = torch.rand(24, 2, generator=torch.Generator().manual_seed(0),
+                                   dtype=f.dtype)  # fine content outside the mask
+    inside = spectral_scale(f, m, (1.0, 1.0), weight=mask)
+    assert spectral_scale(noisy, m, (1.0, 1.0), weight=mask).item() == pytest.approx(
+        inside.item(), rel=1e-12)
+    assert spectral_scale(noisy, m, (1.0, 1.0)).item() != pytest.approx(k.item(), rel=1e-3)

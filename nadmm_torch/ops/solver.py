@@ -238,7 +238,8 @@ def gradient_scale(fixed: Tensor, moving: Tensor, mask: Tensor | None = None) ->
 
 
 def spectral_scale(
-    fixed: Tensor, moving: Tensor, spacing: Sequence[float], mask: Tensor | None = None
+    fixed: Tensor, moving: Tensor, spacing: Sequence[float], mask: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Squared characteristic frequency of a pair, ``k² = mean |Δ_h I|² / mean |∇_h I|²``
     (physical units, mm⁻²; central differences), the mean of both images' ratios, ``(B,)``.
@@ -247,20 +248,28 @@ def spectral_scale(
     mm⁻²ⁿ) reaches θ, so θ relative to ``k²ⁿ`` places that cut-off relative to the scale of
     the images' own structures: finely structured images (cortex) keep finer deformations
     than coarse ones (a heart) at the same relative θ. Invariant to contrast. ``mask``
-    ``(1, ndim, 1, …)`` drops frozen axes; ``C > 1`` channels: the mean over channels. Clamped
+    ``(1, ndim, 1, …)`` drops frozen axes; ``weight`` ``(B or 1, 1, *S)``: the data term's
+    weights (a fixed-image mask), so content the data term ignores does not set θ either;
+    ``C > 1`` channels: the mean over channels. Clamped
     to ``[1e-4, 1] (π/h_min)²`` so that a ramp (no curvature) or a constant image still gives
     a positive, finite θ.
     """
-    batch = fixed.shape[0]
+    batch, channels = fixed.shape[:2]
     f, m = _channels_as_batch(fixed), _channels_as_batch(moving)
+    w = None
+    if weight is not None:
+        w = weight.expand(batch, 1, *weight.shape[2:]).repeat_interleave(channels, 0)
     ratios = []
     for x in (f, m):
         g = spatial_gradient(x, spacing)[:, 0]  # (B·C, ndim, *S)
         if mask is not None:
             g = g * mask
         lap = sum(spatial_gradient(g[:, a:a + 1], spacing)[:, 0, a] for a in range(g.shape[1]))
-        energy = g.pow(2).sum(1).flatten(1).mean(1)
-        ratios.append(lap.pow(2).flatten(1).mean(1) / energy.clamp_min(torch.finfo(x.dtype).tiny))
+        curvature, energy = lap.pow(2), g.pow(2).sum(1, keepdim=True)
+        if w is not None:
+            curvature, energy = curvature * w, energy * w
+        ratios.append(curvature.flatten(1).sum(1)
+                      / energy.flatten(1).sum(1).clamp_min(torch.finfo(x.dtype).tiny))
     nyquist = (math.pi / min(spacing)) ** 2
     k2 = (0.5 * (ratios[0] + ratios[1])).clamp(1e-4 * nyquist, nyquist)
     return k2.view(batch, -1).mean(1)
@@ -574,7 +583,8 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
     d = _level_start(run, d, size)
     admm_kwargs = _admm_settings(run, level, level_spacing)
     if config.theta_scaling == "spectral":  # θ relative to the pair's k²ⁿ here
-        k2n = spectral_scale(f_l, m_l, level_spacing, run.keep).pow(config.order)
+        level_mask = resize(run.mask, size, mode="area") if run.mask is not None else None
+        k2n = spectral_scale(f_l, m_l, level_spacing, run.keep, level_mask).pow(config.order)
         admm_kwargs["theta"] = _relative_theta(admm_kwargs["theta"], k2n, d.dim())
     scales = _level_value(run.step_scale, level) if run.step_scale is not None else None
     active = torch.ones(run.fixed.shape[0], dtype=torch.bool, device=run.fixed.device)
