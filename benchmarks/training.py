@@ -5,24 +5,25 @@
 Usage::
 
     python benchmarks/training.py [--data DIR] [--presets fast] [--modes auto,False,True]
-        [--acdc 1,2,3] [--brain 1-2,3-4] [--large] [--rounds 5] [--threads 0]
+        [--acdc 1,2,3] [--brain 1-2,3-4] [--large balanced] [--rounds 5] [--threads 0]
         [--json benchmarks/records/training.json]
 
 Cases: ACDC ES→ED pairs on the protocol grid ``(Z, 128, 128)`` (``--acdc``: patient numbers),
 brain2d inter-subject slices ``291 × 216`` (``--brain``: ``moving-fixed`` subject numbers,
 raw intensities, no affine step: the cost does not depend on the alignment), and with
-``--large`` the first ACDC pair resampled to ``96 × 128 × 128`` (the paper's grid, where
-``checkpoint="auto"`` checkpoints ``balanced``'s full-resolution warp).
+``--large PRESETS`` the first ACDC pair resampled to ``96 × 128 × 128`` (the paper's grid, where
+``checkpoint="auto"`` checkpoints ``balanced``'s full-resolution warp), for those presets.
 
 For each case and preset, in one process and interleaved (each round runs the forward alone,
-then one training step per checkpoint mode, in a rotating order, so a load change on a shared
-machine hits every column alike):
+one training step per checkpoint mode in a rotating order, and the forward again, so a load
+change on a shared machine hits every column alike):
 
 * forward (s): ``with torch.no_grad(): reg(fixed, moving, spacing)``, the inference cost;
 * forward + backward (s): ``reg.zero_grad(); d = reg(...)``, the loss
   ``MSE(warp(moving, d), fixed)``, ``loss.backward()`` (gradients reach λ, θ, the momentum and
   step-scale schedules);
-* ratio: the medians' quotient, forward + backward over forward;
+* ratio: forward + backward over forward, the median over rounds of each round's quotient
+  (its training step over the mean of the two forwards that open and close the round);
 * peak memory (MB): the most tensor memory live at once during the call, above what was live
   before it, from the allocation and free events of ``torch.profiler`` (``profile_memory=
   True``; on CUDA ``torch.cuda.max_memory_allocated``), in one extra call per column outside
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--modes", default="auto,False,True", help="checkpoint modes, comma list")
     ap.add_argument("--acdc", default="1,2,3", help="ACDC patient numbers ('' for none)")
     ap.add_argument("--brain", default="1-2,3-4", help="brain2d moving-fixed subjects")
-    ap.add_argument("--large", action="store_true", help="also the 96x128x128 grid")
+    ap.add_argument("--large", default="", help="presets (comma list) to run on the first "
+                    "ACDC pair at 96x128x128 too ('' for none)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
@@ -166,19 +168,19 @@ def measure(case: dict, preset: str, modes: list, rounds: int, device: torch.dev
         train(m)()
     t_fwd, t_train = [], {m: [] for m in modes}
     for r in range(rounds):
-        t_fwd.append(_timed(forward, device))
+        before = _timed(forward, device)
         for m in modes[r % len(modes):] + modes[:r % len(modes)]:
             t_train[m].append(_timed(train(m), device))
+        t_fwd.append(0.5 * (before + _timed(forward, device)))
     mem_fwd = peak_memory_mb(forward, device)
-    fwd = statistics.median(t_fwd)
     rows = []
     for m in modes:
         grads = [p.grad for p in regs[m].parameters()]
         rows.append(dict(
             case=case["name"], shape=list(fixed.shape[2:]), preset=preset, checkpoint=m,
             checkpointed_levels=_checkpointed_levels(regs[m], fixed, spacing),
-            forward_s=fwd, train_s=statistics.median(t_train[m]),
-            ratio=statistics.median(t_train[m]) / fwd,
+            forward_s=statistics.median(t_fwd), train_s=statistics.median(t_train[m]),
+            ratio=statistics.median(t / f for t, f in zip(t_train[m], t_fwd)),
             forward_times=t_fwd, train_times=t_train[m],
             peak_train_mb=peak_memory_mb(train(m), device), peak_forward_mb=mem_fwd,
             grads_finite=all(g is not None and bool(torch.isfinite(g).all()) for g in grads),
@@ -208,11 +210,19 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         size = "×".join(str(n) for n in r["shape"])
         lines.append(
-            f"| {r['case']} | {size} | {r['preset']} | {r['checkpoint']!s} "
+            f"| {r['case']} | {size} | {r['preset']} | {_mode(r)} "
             f"| {r['forward_s']:.3f} | {r['train_s']:.3f} | {r['ratio']:.2f} "
             f"| {r['peak_train_mb']:.0f} | {r['peak_forward_mb']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _mode(row: dict) -> str:
+    """The checkpoint mode, and for ``"auto"`` which levels it checkpointed."""
+    if row["checkpoint"] != "auto":
+        return str(row["checkpoint"])
+    levels = [str(i + 1) for i, on in enumerate(row["checkpointed_levels"]) if on]
+    return "auto (" + (f"level {', '.join(levels)}" if levels else "none") + ")"
 
 
 def summary(rows: list[dict]) -> str:
@@ -242,13 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         cases += [acdc_case(data, int(p)) for p in args.acdc.split(",")]
     if args.brain and (data / "brain2d").is_dir():
         cases += [brain_case(data, s) for s in args.brain.split(",")]
+    presets = {id(c): args.presets.split(",") for c in cases}
     if args.large and (data / "acdc").is_dir():
         cases.append(acdc_case(data, int((args.acdc or "1").split(",")[0]), large=True))
+        presets[id(cases[-1])] = args.large.split(",")
     if not cases:
         raise SystemExit(f"--data: no acdc/ or brain2d/ folder under {data}")
     rows = []
     for case in cases:
-        for preset in args.presets.split(","):
+        for preset in presets[id(case)]:
             rows += measure(case, preset, modes, args.rounds, device)
             print(table(rows[-len(modes):]).split("\n", 2)[2], flush=True)
     print(table(rows))

@@ -40,12 +40,13 @@ NORMALIZE_PERCENTILES = (0.5, 99.5)
 # Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
 QUANTILE_SAMPLES = 1 << 21
 # ``checkpoint="auto"`` checkpoints the warps of a level whose field ``(B, ndim, *S)`` has more
-# elements than this (4 MiB in float32). Without checkpointing a warp keeps its graph, about
-# 60 field-sized tensors for K = 5 (measured: benchmarks/training.py), so at this size a level
-# of 5–7 warps holds 1–2 GB for the backward pass; checkpointed it holds its inputs and one
-# warp's graph at a time, for about a third more time per training step. Below it (every
-# level of ``fast`` on the ACDC grid, 10 × 64 × 64 × 3 = 0.12 M; 2D slices) the memory is small
-# and not recomputing is faster.
+# elements than this (4 MiB in float32). Without checkpointing a warp keeps its graph until the
+# backward pass, about 50 (K = 5) to 65 (K = 8) field-sized tensors (measured with
+# benchmarks/training.py), so at this size a level of 5–7 warps holds 1–2 GB; checkpointed it
+# holds its inputs and, in the backward pass, one warp's graph at a time, for about 30–40 % more
+# time per training step. Below it (every level of ``fast`` on the ACDC grid, 10 × 64 × 64 × 3
+# = 0.12 M, and on 96 × 128 × 128, 0.59 M; 2D slices) the graphs take at most a few hundred MB
+# and not recomputing is faster. One warp's graph is the floor either way.
 CHECKPOINT_AUTO_ELEMENTS = 1 << 20
 # ``decision=`` of :func:`_warp_step` when the safeguard is to decide (not replay) the step.
 _DECIDE = object()
