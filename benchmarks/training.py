@@ -12,7 +12,8 @@ Cases: ACDC ES→ED pairs on the protocol grid ``(Z, 128, 128)`` (``--acdc``: pa
 brain2d inter-subject slices ``291 × 216`` (``--brain``: ``moving-fixed`` subject numbers,
 raw intensities, no affine step: the cost does not depend on the alignment), and with
 ``--large PRESETS`` the first ACDC pair resampled to ``96 × 128 × 128`` (the paper's grid, where
-``checkpoint="auto"`` checkpoints ``balanced``'s full-resolution warp), for those presets.
+``checkpoint="auto"`` checkpoints the middle level of ``fast`` and ``balanced``), for those
+presets. The checkpoint column says which levels (coarse → fine) ``"auto"`` checkpointed.
 
 For each case and preset, in one process and interleaved (each round runs the forward alone,
 one training step per checkpoint mode in a rotating order, and the forward again, so a load
@@ -54,7 +55,7 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import nadmm_torch as nt  # noqa: E402
-from nadmm_torch.ops.solver import CHECKPOINT_AUTO_ELEMENTS  # noqa: E402
+from nadmm_torch.ops.solver import CHECKPOINT_AUTO_ELEMENTS, uses_checkpoint  # noqa: E402
 
 DATA_CANDIDATES = (REPO / ".." / "shared" / "data", REPO / ".." / ".." / "shared" / "data")
 MODES = {"auto": "auto", "False": False, "True": True, "off": False, "on": True}
@@ -189,16 +190,15 @@ def measure(case: dict, preset: str, modes: list, rounds: int, device: torch.dev
 
 
 def _checkpointed_levels(reg, fixed: torch.Tensor, spacing) -> list[bool]:
-    """Per level that warps: whether ``reg.checkpoint`` checkpoints it."""
+    """Per level (coarse → fine): whether ``reg.checkpoint`` checkpoints its warps."""
     with torch.no_grad():
         _, diag = reg(fixed, fixed, spacing, return_diagnostics=True)
-    out = []
-    for shape, warps in zip(diag.shapes, diag.warps):
-        if warps:
-            numel = fixed.shape[0] * len(shape) * int(torch.tensor(shape).prod())
-            out.append(reg.checkpoint is True
-                       or (reg.checkpoint == "auto" and numel > CHECKPOINT_AUTO_ELEMENTS))
-    return out
+    with torch.enable_grad():
+        return [
+            warps > 0 and uses_checkpoint(
+                reg.checkpoint, fixed.new_empty(fixed.shape[0], len(shape), *shape), warps)
+            for shape, warps in zip(diag.shapes, reg.config.warps)
+        ]
 
 
 def table(rows: list[dict]) -> str:
@@ -222,7 +222,8 @@ def _mode(row: dict) -> str:
     if row["checkpoint"] != "auto":
         return str(row["checkpoint"])
     levels = [str(i + 1) for i, on in enumerate(row["checkpointed_levels"]) if on]
-    return "auto (" + (f"level {', '.join(levels)}" if levels else "none") + ")"
+    return "auto (" + (f"level {', '.join(levels)} of {len(row['checkpointed_levels'])}"
+                       if levels else "none") + ")"
 
 
 def summary(rows: list[dict]) -> str:

@@ -164,11 +164,11 @@ class NADMMRegistration(nn.Module):
         checkpoint: gradient checkpointing per warp: ``True`` (each warp runs without an
             autograd graph and is recomputed in the backward pass: less memory, about 30–40 %
             more time per training step), ``False``, or ``"auto"`` (default): checkpoint the
-            levels whose field has more than 2**20 elements
-            (:data:`~nadmm_torch.ops.solver.CHECKPOINT_AUTO_ELEMENTS`; e.g. 96 × 128 × 128 at
-            full resolution), where a level's graph would take gigabytes; below it (the ACDC
-            grid, 2D slices) the graph is small and not recomputing is faster. The gradients
-            are the same either way, to float rounding (README: Training cost).
+            levels where that frees the graphs of more than 2**20 field elements, ``(warps −
+            1) × field size`` (:data:`~nadmm_torch.ops.solver.CHECKPOINT_AUTO_ELEMENTS`, about
+            200 MB of graph; e.g. ``fast`` on 96 × 128 × 128), where the graphs take GBs; below
+            it (the ACDC grid, 2D slices) they are small and not recomputing is faster. The
+            gradients are the same either way, to float rounding (README: Training cost).
         compile: ``torch.compile`` the solver's linearisation steps: ``False`` (eager), ``True``
             or a mode (``"reduce-overhead"``: CUDA graphs on a GPU). Worth it for many calls
             at one shape (training on fixed-size crops, a cohort); the first call per shape

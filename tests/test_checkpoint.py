@@ -82,26 +82,31 @@ def test_gradcheck_float64_through_checkpointed_warps(checkpoint):
     assert torch.autograd.gradcheck(fn, (fixed, moving, lam, theta, step), eps=1e-6, atol=1e-5)
 
 
-def test_auto_checkpoints_by_the_size_of_the_field():
+def test_auto_checkpoints_by_the_graph_it_frees():
+    n = CHECKPOINT_AUTO_ELEMENTS
     with torch.enable_grad():
         small = torch.zeros(1, 3, 4, 8, 8)
-        large = torch.zeros(1, 3, CHECKPOINT_AUTO_ELEMENTS // 3 + 1)
-        assert not uses_checkpoint("auto", small) and uses_checkpoint("auto", large)
-        assert uses_checkpoint(True, small) and not uses_checkpoint(False, large)
+        large = torch.zeros(1, 3, n // 3 + 1)
+        assert not uses_checkpoint("auto", small, 7)
+        assert uses_checkpoint("auto", large, 2) and not uses_checkpoint("auto", large, 1)
+        assert uses_checkpoint("auto", torch.zeros(n // 4 + 1), 5)  # (5 - 1) warps' graphs
+        assert not uses_checkpoint("auto", torch.zeros(n // 4), 5)
+        assert uses_checkpoint(True, small, 1) and not uses_checkpoint(False, large, 9)
     with torch.no_grad():  # no graph: nothing to checkpoint
-        assert not uses_checkpoint(True, small) and not uses_checkpoint("auto", large)
+        assert not uses_checkpoint(True, small, 5) and not uses_checkpoint("auto", large, 5)
 
 
 def test_auto_checkpoints_the_levels_above_the_threshold(monkeypatch):
-    """fast on 32 × 32: levels of 8 × 8 and 16 × 16 (fields of 128 and 512 elements); with the
-    threshold at 200 elements only the 5 warps of the second level are checkpointed."""
+    """fast on 32 × 32: 7 warps of 8 × 8 and 5 of 16 × 16 (fields of 128 and 512 elements:
+    6 × 128 = 768 and 4 × 512 = 2048 elements of graph freed); with the threshold at 1000
+    only the warps of the second level are checkpointed."""
     calls = []
 
     def counting(first, again, d, *args):
         calls.append(tuple(d.shape[2:]))
         return checkpoint_call(first, again, d, *args)
 
-    monkeypatch.setattr(solver, "CHECKPOINT_AUTO_ELEMENTS", 200)
+    monkeypatch.setattr(solver, "CHECKPOINT_AUTO_ELEMENTS", 1000)
     monkeypatch.setattr(solver, "checkpoint_call", counting)
     fixed, moving = blobs((32, 32), seed=1).float(), blobs((32, 32), seed=2).float()
     reg = nt.NADMMRegistration("fast", learnable={"lambda"})

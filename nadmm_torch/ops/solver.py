@@ -39,14 +39,14 @@ NORMALIZE_MODES = ("percentile", "minmax", "none")
 NORMALIZE_PERCENTILES = (0.5, 99.5)
 # Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
 QUANTILE_SAMPLES = 1 << 21
-# ``checkpoint="auto"`` checkpoints the warps of a level whose field ``(B, ndim, *S)`` has more
-# elements than this (4 MiB in float32). Without checkpointing a warp keeps its graph until the
-# backward pass, about 50 (K = 5) to 65 (K = 8) field-sized tensors (measured with
-# benchmarks/training.py), so at this size a level of 5–7 warps holds 1–2 GB; checkpointed it
-# holds its inputs and, in the backward pass, one warp's graph at a time, for about 30–40 % more
-# time per training step. Below it (every level of ``fast`` on the ACDC grid, 10 × 64 × 64 × 3
-# = 0.12 M, and on 96 × 128 × 128, 0.59 M; 2D slices) the graphs take at most a few hundred MB
-# and not recomputing is faster. One warp's graph is the floor either way.
+# ``checkpoint="auto"`` checkpoints the warps of a level where that frees the graphs of more
+# than this many field elements: ``(W − 1) × numel`` for W warps of a field ``(B, ndim, *S)``
+# (in the backward pass one warp's graph is rebuilt at a time, so a level of one warp gains
+# nothing). A warp's graph holds about 50 (K = 5) to 65 (K = 8) field-sized tensors (measured
+# with benchmarks/training.py), so the threshold is ~200 MB of float32 graph freed, for about
+# 30–40 % more time on that level's share of a training step. Below it (every level of ``fast``
+# on the ACDC grid: 4 × 10 × 64 × 64 × 3 = 0.49 M; 2D slices) the graphs take tens of MB and
+# not recomputing is faster; above it (``fast`` on 96 × 128 × 128: 4 × 0.59 M) they take GBs.
 CHECKPOINT_AUTO_ELEMENTS = 1 << 20
 # ``decision=`` of :func:`_warp_step` when the safeguard is to decide (not replay) the step.
 _DECIDE = object()
@@ -461,7 +461,7 @@ def solve(
         momentum: per level, ``None`` (Nesterov ``t_k``) or a ``(K_level,)`` tensor of ``a_k``.
         step_scale: per level, ``None`` or a ``(W_level,)`` tensor multiplying each velocity.
         checkpoint: ``True``: recompute each warp in the backward pass (less memory); ``"auto"``:
-            where a level's field has > :data:`CHECKPOINT_AUTO_ELEMENTS` elements.
+            where that frees > :data:`CHECKPOINT_AUTO_ELEMENTS` (see :func:`uses_checkpoint`).
         mask: ``(B or 1, 1, *S)`` non-negative data-term weights on the fixed grid (0 outside a
             fixed-image mask): ``m (g·u + c)²`` (l2), ``m |g·u + c|`` (l1) keep the v-step's
             closed form (``g``, ``c`` scaled by ``√m``, ``m``); area-averaged to each level.
@@ -580,9 +580,10 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
     active = torch.ones(run.fixed.shape[0], dtype=torch.bool, device=run.fixed.device)
     if run.diag is not None:
         run.diag.start_level(size)
+    ckpt = uses_checkpoint(run.checkpoint, d, config.warps[level])
     for w in range(config.warps[level]):
         scale = scales[w] if scales is not None else None
-        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active, weight)
+        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active, weight, ckpt)
         if config.tol_warp is not None and not bool(active.any()):
             break
     return d
@@ -632,11 +633,12 @@ def _data_weight(run: _Run, size: tuple[int, ...]) -> Tensor | None:
 
 
 def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor,
-                weight: Tensor | None = None):
-    """One warp (linearisation) of a level; with ``tol_warp``, batch elements whose step fell
-    under it keep their field and leave ``active``. Returns ``(d, active)``."""
+                weight: Tensor | None = None, checkpoint: bool = False):
+    """One warp (linearisation) of a level, ``checkpoint``-ed or not; with ``tol_warp``, batch
+    elements whose step fell under it keep their field and leave ``active``. Returns ``(d,
+    active)``."""
     config = run.config
-    if uses_checkpoint(run.checkpoint, d):
+    if checkpoint:
         d_new, (u, info, s, _) = _checkpointed_warp(run, d, f_l, m_l, admm_kwargs, scale, weight)
     else:
         d_new, u, info, s, _ = _warp_step(d, f_l, m_l, admm_kwargs, scale, config, run.keep,
@@ -655,14 +657,16 @@ def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor
     return d, active
 
 
-def uses_checkpoint(checkpoint: bool | str, d: Tensor) -> bool:
-    """Whether a warp of the field ``d`` is checkpointed: ``checkpoint=True``, or ``"auto"``
-    with more than :data:`CHECKPOINT_AUTO_ELEMENTS` elements in ``d``; never without grad
-    mode (nothing to backpropagate)."""
+def uses_checkpoint(checkpoint: bool | str, d: Tensor, warps: int) -> bool:
+    """Whether the ``warps`` warps of a level with field ``d`` are checkpointed:
+    ``checkpoint=True``, or ``"auto"`` where checkpointing frees the graphs of more than
+    :data:`CHECKPOINT_AUTO_ELEMENTS` field elements, ``(warps − 1) · d.numel()`` (in the backward
+    pass one warp's graph is rebuilt at a time, so a level of one warp gains nothing); never
+    without grad mode (nothing to backpropagate)."""
     if not torch.is_grad_enabled():
         return False
     if checkpoint == "auto":
-        return d.numel() > CHECKPOINT_AUTO_ELEMENTS
+        return (warps - 1) * d.numel() > CHECKPOINT_AUTO_ELEMENTS
     return bool(checkpoint)
 
 
