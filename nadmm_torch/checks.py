@@ -230,6 +230,20 @@ def check_bool(value: object, name: str) -> bool:
     raise TypeError(f"{name}: expected True or False, got {value!r}")
 
 
+def check_checkpoint(value: object, name: str = "checkpoint") -> bool | str:
+    """Gradient checkpointing: ``True``, ``False`` (NumPy's too) or ``"auto"`` (checkpoint
+    where the field is large; see :data:`nadmm_torch.ops.solver.CHECKPOINT_AUTO_ELEMENTS`).
+    TypeError for a value of another type, ValueError for another string."""
+    if isinstance(value, str):
+        if value == "auto":
+            return value
+        raise ValueError(f"{name}: expected True, False or 'auto', got {value!r}")
+    try:
+        return check_bool(value, name)
+    except TypeError:
+        raise TypeError(f"{name}: expected True, False or 'auto', got {value!r}") from None
+
+
 def is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 

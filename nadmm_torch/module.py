@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .checks import (
     check_bool,
+    check_checkpoint,
     check_displacement,
     check_learnable,
     check_module_device,
@@ -160,7 +161,14 @@ class NADMMRegistration(nn.Module):
             starting values.
         schedule: ``"level"`` (one λ, θ per pyramid level) or ``"iteration"`` (one per ADMM
             iteration and level: untied schedules).
-        checkpoint: gradient checkpointing per warp (recompute in backward; saves memory).
+        checkpoint: gradient checkpointing per warp: ``True`` (each warp runs without an
+            autograd graph and is recomputed in the backward pass: less memory, about 30–40 %
+            more time per training step), ``False``, or ``"auto"`` (default): checkpoint the
+            levels where that frees the graphs of more than 2**20 field elements, ``(warps −
+            1) × field size`` (:data:`~nadmm_torch.ops.solver.CHECKPOINT_AUTO_ELEMENTS`, about
+            200 MB of graph; e.g. ``fast`` on 96 × 128 × 128), where the graphs take GBs; below
+            it (the ACDC grid, 2D slices) they are small and not recomputing is faster. The
+            gradients are the same either way, to float rounding (README: Training cost).
         compile: ``torch.compile`` the solver's linearisation steps: ``False`` (eager), ``True``
             or a mode (``"reduce-overhead"``: CUDA graphs on a GPU). Worth it for many calls
             at one shape (training on fixed-size crops, a cohort); the first call per shape
@@ -194,7 +202,7 @@ class NADMMRegistration(nn.Module):
         order: int | None = None,
         learnable: bool | str | Iterable[str] | None = None,
         schedule: str = "level",
-        checkpoint: bool = False,
+        checkpoint: bool | str = "auto",
         compile: bool | str = False,
         **overrides,
     ) -> None:
@@ -205,7 +213,7 @@ class NADMMRegistration(nn.Module):
         self._config = SolverConfig.from_preset(preset, data_term, order, **overrides)
         self.learnable = check_learnable(learnable, LEARNABLE_NAMES)
         self.schedule = schedule
-        self.checkpoint = check_bool(checkpoint, "checkpoint")
+        self.checkpoint = check_checkpoint(checkpoint)
         self.compile = compile
         values = initial_values(self._config, schedule)
         for name, key in HYPERPARAMETERS.items():

@@ -169,3 +169,13 @@ def test_the_data_mask_weights_the_characteristic_frequency():
     assert spectral_scale(noisy, m, (1.0, 1.0), weight=mask).item() == pytest.approx(
         inside.item(), rel=1e-12)
     assert spectral_scale(noisy, m, (1.0, 1.0)).item() != pytest.approx(k.item(), rel=1e-3)
+
+
+def test_channels_each_weigh_alike_in_the_characteristic_frequency():
+    f, m = blobs((20, 22), seed=15), blobs((20, 22), seed=16)
+    w = torch.zeros(1, 1, 20, 22, dtype=f.dtype)
+    w[..., 3:17, 2:20] = 0.5
+    one = spectral_scale(f, m, (1.0, 1.0), weight=w)
+    three = spectral_scale(f.repeat(2, 3, 1, 1), m.repeat(2, 3, 1, 1), (1.0, 1.0), weight=w)
+    assert three.shape == (2,)
+    torch.testing.assert_close(three, one.expand(2), rtol=1e-12, atol=0)

@@ -202,6 +202,11 @@ def _needs_grad(x) -> bool:
     return isinstance(x, Tensor) and x.requires_grad
 
 
+def _detached(x):
+    """``x`` without its autograd history, where it is a tensor."""
+    return x.detach() if isinstance(x, Tensor) else x
+
+
 def _batch_norm(x: Tensor) -> Tensor:
     return x.flatten(1).norm(dim=1)
 
@@ -273,7 +278,9 @@ class _Momentum:
             a, t_new = nesterov_step(self.t, self.accelerated)
         alpha = 1.0 + a
         if self.restart:
-            combined = _residual_measure(e, du, theta).to(self.t.dtype)
+            # A decision (restart or not): no autograd graph for it.
+            combined = _residual_measure(e.detach(), du.detach(), _detached(theta))
+            combined = combined.to(self.t.dtype)
             alpha, t_new, self.c_prev, keep = restart_step(
                 alpha, t_new, combined, self.c_prev, self.eta
             )
@@ -445,9 +452,11 @@ def _admm_loop(g, c, ops: _Operators, lam, theta, iterations, boundary, state: _
         u_hat_new = torch.addcmul(u, alpha_b, du)
         b_hat_new = torch.addcmul(b, alpha_b, b_new - b)
         if record or tol is not None:  # two reductions: skipped on the sync-free fast path
-            rel = _batch_norm(du) / _batch_norm(u).clamp_min(torch.finfo(g.dtype).tiny)
+            rel = _batch_norm(du.detach()) / _batch_norm(u.detach()).clamp_min(
+                torch.finfo(g.dtype).tiny
+            )
             if record:
-                info.residuals.append(rel.detach())
+                info.residuals.append(rel)
         n_iter = n_iter + active.long()
         if callback is not None:
             callback(k + 1, u_new)

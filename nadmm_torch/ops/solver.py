@@ -15,9 +15,10 @@ from typing import Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from ..checks import check_checkpoint
 from .admm import nesterov_admm
+from .checkpoint import checkpoint_call
 from .diff import forward_jacobian_determinant, jacobian_determinant, spatial_gradient
 from .features import image_features
 from .warp import compose, resize, resize_displacement, warp
@@ -39,6 +40,17 @@ NORMALIZE_MODES = ("percentile", "minmax", "none")
 NORMALIZE_PERCENTILES = (0.5, 99.5)
 # Percentiles of larger pairs are taken on an evenly strided subsample of this many values.
 QUANTILE_SAMPLES = 1 << 21
+# ``checkpoint="auto"`` checkpoints the warps of a level where that frees the graphs of more
+# than this many field elements: ``(W − 1) × numel`` for W warps of a field ``(B, ndim, *S)``
+# (in the backward pass one warp's graph is rebuilt at a time, so a level of one warp gains
+# nothing). A warp's graph holds about 50 (K = 5) to 65 (K = 8) field-sized tensors (measured
+# with benchmarks/training.py), so the threshold is ~200 MB of float32 graph freed, for about
+# 30–40 % more time on that level's share of a training step. Below it (every level of ``fast``
+# on the ACDC grid: 4 × 10 × 64 × 64 × 3 = 0.49 M; 2D slices) the graphs take tens of MB and
+# not recomputing is faster; above it (``fast`` on 96 × 128 × 128: 4 × 0.59 M) they take GBs.
+CHECKPOINT_AUTO_ELEMENTS = 1 << 20
+# ``decision=`` of :func:`_warp_step` when the safeguard is to decide (not replay) the step.
+_DECIDE = object()
 
 
 class SolverSettings(Protocol):
@@ -265,7 +277,7 @@ def spectral_scale(
         if mask is not None:
             g = g * mask
         lap = sum(spatial_gradient(g[:, a:a + 1], spacing)[:, 0, a] for a in range(g.shape[1]))
-        curvature, energy = lap.pow(2), g.pow(2).sum(1, keepdim=True)
+        curvature, energy = lap.pow(2).unsqueeze(1), g.pow(2).sum(1, keepdim=True)
         if w is not None:
             curvature, energy = curvature * w, energy * w
         ratios.append(curvature.flatten(1).sum(1)
@@ -299,9 +311,9 @@ def repair_initial(
     Returns:
         ``(d, fold percent per batch element before the repair)``.
     """
-    central = jacobian_determinant(d).flatten(1)
+    central = jacobian_determinant(d.detach()).flatten(1)
     percent = (central <= 0).to(d.dtype).mean(1) * 100.0  # = metrics.fold_percent
-    bad = (fold_determinant(d).flatten(1) <= min_jacobian).any(1).to(d.dtype)
+    bad = (fold_determinant(d.detach()).flatten(1) <= min_jacobian).any(1).to(d.dtype)
     percent, bad = torch.stack([percent, bad]).tolist()  # one host synchronisation
     if not any(bad):
         return d, percent
@@ -346,31 +358,50 @@ def safeguarded_compose(
     """``d ← s u + d ∘ (Id + s u)`` with the largest ``s`` in :data:`SAFEGUARD_SCALES` for which
     ``det(I + ∇d_new) > min_jacobian`` everywhere (per batch element).
 
-    Only where the full step folds are the smaller steps computed (one host synchronisation).
+    Only where the full step folds are the smaller steps tried (one host synchronisation).
     If no scale passes (an initial field that already folds), the scale with the largest
     minimum determinant is kept. ``full``: the full step ``compose(d, u)`` and its minimum
-    determinant ``(B,)``, where the caller has them already.
+    determinant ``(B,)``, where the caller has them already. The trials only choose ``s``:
+    they run without an autograd graph, and the graph holds the chosen step alone.
 
     Returns:
         ``(d_new, s)`` with ``s`` of shape ``(B,)``.
     """
+    d_new, s, _ = _safeguarded(d, u, min_jacobian, full)
+    return d_new, s
+
+
+def _safeguarded(d: Tensor, u: Tensor, min_jacobian: float, full=None):
+    """:func:`safeguarded_compose`, also returning its decision: ``None`` where the full step
+    passed everywhere, else the scales ``(B,)`` (to recompute the step with
+    :func:`_scaled_step`)."""
     full, full_min = full if full is not None else _full_step(d, u)
     ok = full_min > min_jacobian
-    ones = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
     if bool(ok.all()):
-        return full, ones
-    cands = [full] + [compose(d, s * u) if s > 0 else d for s in SAFEGUARD_SCALES[1:]]
-    mins = torch.stack([_min_jacobian(x) for x in cands])  # (n_scales, B)
+        return full, torch.ones(d.shape[0], dtype=d.dtype, device=d.device), None
+    scales = _safeguard_scales(d.detach(), u.detach(), full_min, min_jacobian)
+    return _scaled_step(d, u, scales), scales, scales
+
+
+@torch.no_grad()
+def _safeguard_scales(d: Tensor, u: Tensor, full_min: Tensor, min_jacobian: float) -> Tensor:
+    """The step scale ``(B,)`` the safeguard keeps (see :func:`safeguarded_compose`)."""
+    mins = torch.stack(
+        [full_min] + [_min_jacobian(compose(d, s * u)) if s > 0 else _min_jacobian(d)
+                      for s in SAFEGUARD_SCALES[1:]]
+    )  # (n_scales, B)
     passed = mins > min_jacobian
     n = len(SAFEGUARD_SCALES)
     order = torch.arange(n, device=d.device).unsqueeze(1).expand_as(passed)
     first_ok = torch.where(passed, order, torch.full_like(order, n)).amin(dim=0)
     choice = torch.where(first_ok < n, first_ok, mins.argmax(dim=0))  # (B,)
-    stacked = torch.stack(cands)  # (n_scales, B, ndim, *S)
-    idx = choice.view(1, -1, *([1] * (d.dim() - 1))).expand(1, *stacked.shape[1:])
-    d_new = stacked.gather(0, idx)[0]
-    scales = torch.tensor(SAFEGUARD_SCALES, dtype=d.dtype, device=d.device)[choice]
-    return d_new, scales
+    return torch.tensor(SAFEGUARD_SCALES, dtype=d.dtype, device=d.device)[choice]
+
+
+def _scaled_step(d: Tensor, u: Tensor, scales: Tensor) -> Tensor:
+    """``s u + d ∘ (Id + s u)`` per batch element, ``d`` itself where ``s = 0``."""
+    s = scales.view(-1, *([1] * (d.dim() - 1)))
+    return torch.where(s == 0, d, compose(d, s * u))
 
 
 def _box_smooth(x: Tensor) -> Tensor:
@@ -388,8 +419,9 @@ def _box_smooth(x: Tensor) -> Tensor:
 
 
 def _full_step(d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """``compose(d, u)`` and its minimum det J ``(B,)`` (a decision: no graph)."""
     full = compose(d, u)
-    return full, _min_jacobian(full)
+    return full, _min_jacobian(full.detach())
 
 
 def repair_folds(
@@ -401,10 +433,12 @@ def repair_folds(
 
     Linear upsampling of a fold-free coarse displacement can create isolated folds on the finer
     grid (central differences of the interpolated field are not those of the coarse one); a few
-    rounds of local smoothing remove them without touching the rest of the field. Falls back to
-    the smoothed field everywhere if local rounds do not suffice.
+    rounds of local smoothing remove them without touching the rest of the field. If local
+    rounds do not suffice, a batch element that still folds is smoothed everywhere (the others
+    keep their field). Where a fold is is a decision: found without an autograd graph.
     """
     def folded(x: Tensor) -> Tensor:
+        x = x.detach()
         det = fold_determinant(x) if forward else jacobian_determinant(x)
         return det <= min_jacobian
 
@@ -450,7 +484,7 @@ def solve(
     theta: Sequence[Tensor | float] | Tensor | float | None = None,
     momentum: Sequence[Tensor | None] | None = None,
     step_scale: Sequence[Tensor | None] | None = None,
-    checkpoint: bool = False,
+    checkpoint: bool | str = "auto",
     diagnostics: bool = False,
     compile: bool | str = False,
     mask: Tensor | None = None,
@@ -466,16 +500,16 @@ def solve(
             entry per level, each a scalar, 0-d tensor or ``(K_level,)`` per-iteration schedule.
         momentum: per level, ``None`` (Nesterov ``t_k``) or a ``(K_level,)`` tensor of ``a_k``.
         step_scale: per level, ``None`` or a ``(W_level,)`` tensor multiplying each velocity.
-        checkpoint: recompute each warp's forward in the backward pass (less memory).
-        mask: ``(B or 1, 1, *S)`` non-negative weights of the data term on the fixed grid
-            (a fixed-image mask: 0 outside). ``m (g·u + c)²`` for l2 and ``m |g·u + c|`` for
-            l1 keep the v-step closed form: ``g`` and ``c`` are scaled by ``√m`` (l2) or ``m``
-            (l1). Area-averaged to each level. Where ``m = 0`` only the regulariser acts.
+        checkpoint: ``True``: recompute each warp in the backward pass (less memory); ``"auto"``:
+            where that frees > :data:`CHECKPOINT_AUTO_ELEMENTS` (see :func:`uses_checkpoint`).
+        mask: ``(B or 1, 1, *S)`` non-negative data-term weights on the fixed grid (0 outside a
+            fixed-image mask): ``m (g·u + c)²`` (l2), ``m |g·u + c|`` (l1) keep the v-step's
+            closed form (``g``, ``c`` scaled by ``√m``, ``m``); area-averaged to each level.
         diagnostics: also return a :class:`Diagnostics`.
         compile: ``torch.compile`` each linearisation step (warp, image gradient, the K ADMM
             iterations, composition): ``True`` or a mode from :data:`COMPILE_MODES`. The first
-            call per level shape compiles (tens of seconds); later calls run fused kernels.
-            Same numbers as eager to float tolerance. Default ``False``: eager.
+            call per level shape compiles (tens of seconds); later calls run fused kernels
+            (the same numbers as eager to float tolerance). Default ``False``: eager.
 
     Returns:
         ``(displacement (B, ndim, *S) in voxel units, diagnostics or None)``.
@@ -505,7 +539,7 @@ def solve(
         theta=config.per_level("theta") if theta is None else theta,
         momentum=momentum, step_scale=step_scale, keep=_frozen_mask(config, spacing, fixed),
         velocity=_velocity if mode is None else _compiled_velocity(mode),
-        checkpoint=checkpoint, diag=diag, mask=mask,
+        checkpoint=check_checkpoint(checkpoint), diag=diag, mask=mask,
     )  # fmt: skip
     factors = pyramid_factors(
         shape, spacing, config.levels, config.anisotropic_pyramid, config.min_level_size
@@ -536,7 +570,7 @@ class _Run:
     step_scale: Sequence[Tensor | None] | None
     keep: Tensor | None  # (1, ndim, 1, ...): 0 on frozen axes
     velocity: object
-    checkpoint: bool
+    checkpoint: bool | str  # True, False or "auto"
     diag: Diagnostics | None
     mask: Tensor | None = None  # (B or 1, 1, *S) data-term weights
 
@@ -590,9 +624,10 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
     active = torch.ones(run.fixed.shape[0], dtype=torch.bool, device=run.fixed.device)
     if run.diag is not None:
         run.diag.start_level(size)
+    ckpt = uses_checkpoint(run.checkpoint, d, config.warps[level])
     for w in range(config.warps[level]):
         scale = scales[w] if scales is not None else None
-        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active, weight)
+        d, active = _solve_warp(run, d, f_l, m_l, admm_kwargs, scale, active, weight, ckpt)
         if config.tol_warp is not None and not bool(active.any()):
             break
     return d
@@ -654,31 +689,63 @@ def _data_weight(run: _Run, size: tuple[int, ...]) -> Tensor | None:
 
 
 def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor,
-                weight: Tensor | None = None):
-    """One warp (linearisation) of a level; with ``tol_warp``, batch elements whose step fell
-    under it keep their field and leave ``active``. Returns ``(d, active)``."""
+                weight: Tensor | None = None, checkpoint: bool = False):
+    """One warp (linearisation) of a level, ``checkpoint``-ed or not; with ``tol_warp``, batch
+    elements whose step fell under it keep their field and leave ``active``. Returns ``(d,
+    active)``."""
     config = run.config
-
-    def step(d_in: Tensor, f_in: Tensor, m_in: Tensor):
-        return _warp_step(d_in, f_in, m_in, admm_kwargs, scale, config, run.keep, run.velocity,
-                          weight)
-
-    if run.checkpoint and torch.is_grad_enabled():
-        d_new, u, info, s = _checkpoint(step, d, f_l, m_l, use_reentrant=False)
+    if checkpoint:
+        d_new, (u, info, s, _) = _checkpointed_warp(run, d, f_l, m_l, admm_kwargs, scale, weight)
     else:
-        d_new, u, info, s = step(d, f_l, m_l)
+        d_new, u, info, s, _ = _warp_step(d, f_l, m_l, admm_kwargs, scale, config, run.keep,
+                                          run.velocity, weight)
     if config.tol_warp is not None:
         act = active.view(-1, *([1] * (d.dim() - 1)))
         d = torch.where(act, d_new, d)
         # The step actually taken (s u): a safeguarded step of scale 0 leaves d as it was, so
         # the next warp would repeat it exactly: the level has stalled, stop it too.
-        rms = s * u.pow(2).sum(1).flatten(1).mean(1).sqrt()
+        rms = s * u.detach().pow(2).sum(1).flatten(1).mean(1).sqrt()
         active = active & ~(rms < config.tol_warp)
     else:
         d = d_new
     if run.diag is not None:
         run.diag.record_warp(info, s)
     return d, active
+
+
+def uses_checkpoint(checkpoint: bool | str, d: Tensor, warps: int) -> bool:
+    """Whether the ``warps`` warps of a level with field ``d`` are checkpointed:
+    ``checkpoint=True``, or ``"auto"`` where checkpointing frees the graphs of more than
+    :data:`CHECKPOINT_AUTO_ELEMENTS` field elements, ``(warps − 1) · d.numel()`` (in the backward
+    pass one warp's graph is rebuilt at a time, so a level of one warp gains nothing); never
+    without grad mode (nothing to backpropagate)."""
+    if not torch.is_grad_enabled():
+        return False
+    if checkpoint == "auto":
+        return (warps - 1) * d.numel() > CHECKPOINT_AUTO_ELEMENTS
+    return bool(checkpoint)
+
+
+def _checkpointed_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, weight):
+    """:func:`_warp_step` through :func:`~nadmm_torch.ops.checkpoint.checkpoint_call`: the
+    warp runs without a graph and is recomputed in the backward pass, with the safeguard's
+    decision of the first pass. Returns ``(d_new, (u, info, s, decision))``. The tensors that
+    gradients reach (field, images, λ, θ, momentum, step scale, mask) are passed explicitly."""
+    config = run.config
+
+    def first(d, f, m, lam, theta, momentum, scale, weight):
+        kwargs = dict(admm_kwargs, lam=lam, theta=theta, momentum=momentum)
+        d_new, *aux = _warp_step(d, f, m, kwargs, scale, config, run.keep, run.velocity, weight)
+        return d_new, tuple(aux)
+
+    def again(d, f, m, lam, theta, momentum, scale, weight, aux):
+        kwargs = dict(admm_kwargs, lam=lam, theta=theta, momentum=momentum, record=False)
+        return _warp_step(d, f, m, kwargs, scale, config, run.keep, run.velocity, weight,
+                          decision=aux[3])[0]
+
+    k = admm_kwargs
+    return checkpoint_call(first, again, d, f_l, m_l, k["lam"], k["theta"], k["momentum"],
+                           scale, weight)
 
 
 def _finish(run: _Run, d: Tensor | None, constant: Tensor | None) -> Tensor:
@@ -786,11 +853,17 @@ def _velocity(d, fixed, moving, admm_kwargs: dict, scale, mask, safeguard: bool,
 
 
 def _warp_step(d, fixed, moving, admm_kwargs: dict, scale, config, mask=None, velocity=_velocity,
-               weight=None):
-    """One linearisation: warp, ADMM for the velocity, (safeguarded) composition."""
-    u, info, full = velocity(d, fixed, moving, admm_kwargs, scale, mask, config.safeguard, weight)
-    if config.safeguard:
-        d_new, s = safeguarded_compose(d, u, config.min_jacobian, full=full)
+               weight=None, decision=_DECIDE):
+    """One linearisation: warp, ADMM for the velocity, (safeguarded) composition. Returns
+    ``(d_new, u, info, s, decision)``; ``decision``: the safeguard's (``None``: the full step
+    everywhere, else the scales ``(B,)``), given to redo the step without deciding again."""
+    decide = config.safeguard and decision is _DECIDE
+    u, info, full = velocity(d, fixed, moving, admm_kwargs, scale, mask, decide, weight)
+    ones = torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
+    if decide:
+        d_new, s, decision = _safeguarded(d, u, config.min_jacobian, full=full)
+    elif not config.safeguard or decision is None:
+        d_new, s, decision = full[0], ones, None
     else:
-        d_new, s = full[0], torch.ones(d.shape[0], dtype=d.dtype, device=d.device)
-    return d_new, u, info, s
+        d_new, s = _scaled_step(d, u, decision), decision
+    return d_new, u, info, s, decision
