@@ -19,7 +19,12 @@ from torch import Tensor
 from ..checks import check_checkpoint
 from .admm import nesterov_admm
 from .checkpoint import checkpoint_call
-from .diff import forward_jacobian_determinant, jacobian_determinant, spatial_gradient
+from .diff import (
+    central_difference,
+    forward_jacobian_determinant,
+    jacobian_determinant,
+    spatial_gradient,
+)
 from .features import image_features
 from .warp import compose, resize, resize_displacement, warp
 
@@ -276,7 +281,8 @@ def spectral_scale(
         g = spatial_gradient(x, spacing)[:, 0]  # (B·C, ndim, *S)
         if mask is not None:
             g = g * mask
-        lap = sum(spatial_gradient(g[:, a:a + 1], spacing)[:, 0, a] for a in range(g.shape[1]))
+        lap = sum(central_difference(g[:, a], 1 + a) / float(spacing[a])
+                  for a in range(g.shape[1]))  # (B·C, *S)
         curvature, energy = lap.pow(2).unsqueeze(1), g.pow(2).sum(1, keepdim=True)
         if w is not None:
             curvature, energy = curvature * w, energy * w
