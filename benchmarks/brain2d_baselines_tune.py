@@ -4,8 +4,8 @@
 Usage::
 
     python benchmarks/brain2d_baselines_tune.py [--data DIR] [--cache DIR] [--runs DIR]
-        [--json OUT.json] [--methods demons,syn] [--demons-sigmas 0.5,1,1.5,2]
-        [--demons-iterations 50/30/15,100/60/30,200/120/60] [--syn-radii 2,4]
+        [--json OUT.json] [--methods demons,syn] [--demons-sigmas 0.25,0.5,0.75,1,1.5,2]
+        [--demons-iterations 50/30/15,100/60/30,200/120/60,400/240/120] [--syn-radii 2,4]
         [--syn-grad-steps 0.1,0.25] [--syn-flow-sigmas 3] [--syn-total-sigmas 0]
         [--nadmm-presets fast,paper,accurate,balanced] [--nadmm-records A.json,B.json]
         [--folds 0,1] [--threads N] [--quick]
@@ -99,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="per (grid point, pair) results, reused across runs")
     ap.add_argument("--json", default=str(RECORDS / "brain2d_baselines_tuned.json"))
     ap.add_argument("--methods", default="demons,syn", help="baseline families to tune")
-    ap.add_argument("--demons-sigmas", type=_floats, default=_floats("0.5,1,1.5,2"))
+    ap.add_argument("--demons-sigmas", type=_floats, default=_floats("0.25,0.5,0.75,1,1.5,2"))
     ap.add_argument("--demons-iterations", type=_schedules,
-                    default=_schedules("50/30/15,100/60/30,200/120/60"))
+                    default=_schedules("50/30/15,100/60/30,200/120/60,400/240/120"))
     ap.add_argument("--syn-radii", type=lambda s: tuple(int(v) for v in s.split(",")),
                     default=(2, 4))
     ap.add_argument("--syn-grad-steps", type=_floats, default=_floats("0.1,0.25"))
@@ -294,21 +294,24 @@ def compare(entries: list[dict], ref: list[dict]) -> tuple[int, int, float]:
     return int((a > b).sum()), len(a), float((a - b).mean())
 
 
-def table(rows: dict[str, list[dict]], held: list[str], ref: str | None) -> str:
-    """Markdown: held-out Dice per fold and mean, % det J ≤ 0, and the pairwise count vs
-    ``ref`` (the (fold, pair) held-out scores above it)."""
-    head = " | ".join(held)
-    lines = [f"| method | mean | {head} | % det J ≤ 0 | vs {ref or '–'}: ahead on | mean Δ |",
-             "|---|---|" + "---|" * len(held) + "---|---|---|"]
+def table(rows: dict[str, list[dict]], held: list[str], refs: list[str]) -> str:
+    """Markdown: held-out Dice per fold and mean, % det J ≤ 0, and per reference row the
+    (fold, pair) held-out scores above it (a pair is scored in two folds) and the mean gap."""
+    lines = [f"| method | mean | {' | '.join(held)} | % det J ≤ 0 | "
+             + "".join(f"vs {r}: ahead on | Δ | " for r in refs),
+             "|---|---|" + "---|" * len(held) + "---|" + "---|---|" * len(refs)]
     for name, entries in rows.items():
         per_fold = " | ".join(f"{e['dice']:.4f}" for e in entries)
         folds_ = np.mean([e["fold_percent"] for e in entries])
-        vs, delta = "–", "–"
-        if ref and name != ref:
-            wins, n, d = compare(entries, rows[ref])
-            vs, delta = f"{wins}/{n}", f"{d:+.4f}"
+        cells = ""
+        for r in refs:
+            if r == name:
+                cells += "– | – | "
+                continue
+            wins, n, d = compare(entries, rows[r])
+            cells += f"{wins}/{n} | {d:+.4f} | "
         lines.append(f"| {name} | {np.mean([e['dice'] for e in entries]):.4f} | {per_fold} | "
-                     f"{folds_:.4f} | {vs} | {delta} |")
+                     f"{folds_:.4f} | {cells}".rstrip())
     return "\n".join(lines)
 
 
@@ -339,8 +342,8 @@ def run(stages: dict, ids: list[str], args: argparse.Namespace, log=print) -> di
     fold_results = [run_fold(f, results, points) for f in folds_]
     extra = record_rows([Path(p) for p in _names(args.nadmm_records)], folds_)
     rows = rows_of(fold_results, extra)
-    ref = "syn tuned" if "syn tuned" in rows else None
-    text = table(rows, [f["held_out"] for f in folds_], ref)
+    refs = [r for r in ("syn tuned", "demons tuned") if r in rows]
+    text = table(rows, [f["held_out"] for f in folds_], refs)
     return dict(table=text, choices=choices_table(fold_results) if any(
         k.endswith(" tuned") for k in fold_results[0]) else "", folds=fold_results,
         rows=rows, points={f: [dict(key=point_key(f, s), **s) for s in v]

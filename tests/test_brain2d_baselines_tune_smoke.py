@@ -32,7 +32,7 @@ def test_grid_puts_the_anchor_first_once():
     points = bt.grid(bt.parse_args([]))
     assert points["demons"][0] == bt.ANCHORS["demons"] == dict(sigma=1.0,
                                                                iterations=(100, 60, 30))
-    assert len(points["demons"]) == 4 * 3  # σ 1.0, 100/60/30 is in the grid: not repeated
+    assert len(points["demons"]) == 6 * 4  # σ 1.0, 100/60/30 is in the grid: not repeated
     assert points["syn"][0] == bt.ANCHORS["syn"] and len(points["syn"]) == 1 + 2 * 2
     keys = [bt.point_key("syn", s) for s in points["syn"]]
     assert keys[0] == "syn_r4_g0.2_f3_t0_its100-70-50" and len(set(keys)) == len(keys)
@@ -119,6 +119,7 @@ def _run_and_check(bt, tmp_path: Path, subjects: dict, capsys) -> dict:
     assert doc["rows"]["nadmm-fast tuned [rec]"][0]["dice"] == 0.5
     printed = capsys.readouterr().out
     assert "| syn tuned |" in printed and "| nadmm-fast tuned [rec] |" in printed
+    assert "vs syn tuned: ahead on | Δ | vs demons tuned: ahead on" in doc["table"]
     # a second run registers nothing again (every result comes from --runs) and agrees
     before = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json")}
     assert len(before) == (3 + 2 + 1 + 1) * 6
