@@ -33,7 +33,7 @@ def test_grid_puts_the_anchor_first_once():
     assert points["demons"][0] == bt.ANCHORS["demons"] == dict(sigma=1.0,
                                                                iterations=(100, 60, 30))
     assert len(points["demons"]) == 6 * 4  # σ 1.0, 100/60/30 is in the grid: not repeated
-    assert points["syn"][0] == bt.ANCHORS["syn"] and len(points["syn"]) == 1 + 2 * 2
+    assert points["syn"][0] == bt.ANCHORS["syn"] and len(points["syn"]) == 1 + 2 * 4
     keys = [bt.point_key("syn", s) for s in points["syn"]]
     assert keys[0] == "syn_r4_g0.2_f3_t0_its100-70-50" and len(set(keys)) == len(keys)
     assert points["affine"] == [{}] and "nadmm-fast" not in points
