@@ -230,8 +230,13 @@ def demons_2d(fixed, moving, iterations=(100, 60, 30), sigma=1.0, shrink=(4, 2, 
     return itk_field_to_displacement(sitk.GetArrayFromImage(field), (1.0, 1.0))
 
 
-def syn_2d(fixed, moving, iterations=(100, 70, 50), radius=4):
-    """ANTs ``SyNOnly`` (identity start) with the CC metric on a 2D pair."""
+def syn_2d(fixed, moving, iterations=(100, 70, 50), radius=4, grad_step=0.2, flow_sigma=3.0,
+           total_sigma=0.0):
+    """ANTs ``SyNOnly`` (identity start) with the CC metric on a 2D pair.
+
+    ``grad_step``, ``flow_sigma`` and ``total_sigma`` (pixels) default to antspyx's own defaults,
+    so the anchor settings need none of them; ``benchmarks/brain2d_baselines_tune.py`` varies them.
+    """
     import ants
     import SimpleITK as sitk
 
@@ -244,7 +249,8 @@ def syn_2d(fixed, moving, iterations=(100, 70, 50), radius=4):
         reg = ants.registration(
             f_img, m_img, type_of_transform="SyNOnly", initial_transform="Identity",
             syn_metric="CC", syn_sampling=int(radius),
-            reg_iterations=tuple(int(i) for i in iterations), random_seed=1,
+            reg_iterations=tuple(int(i) for i in iterations), grad_step=float(grad_step),
+            flow_sigma=float(flow_sigma), total_sigma=float(total_sigma), random_seed=1,
             outprefix=os.path.join(tmp, "syn_"),
         )
         warps = [t for t in reg["fwdtransforms"] if t.endswith("Warp.nii.gz")]
