@@ -30,7 +30,9 @@ from pathlib import Path
 SETTINGS = {
     "default": {},
     "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"},
     "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+    "GOMP_SPINCOUNT=100000": {"GOMP_SPINCOUNT": "100000"},
 }
 
 CHILD = r"""
@@ -73,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", required=True)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--load", default="0,2")
+    ap.add_argument("--settings", default=",".join(SETTINGS),
+                    help=f"comma list of OpenMP settings (default all: {', '.join(SETTINGS)})")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" /
                                           "data" / "acdc"))
     args = ap.parse_args(argv)
+    unknown = set(args.settings.split(",")) - set(SETTINGS)
+    if unknown:
+        ap.error(f"--settings: unknown {sorted(unknown)}; known: {', '.join(SETTINGS)}")
     times: dict[str, list[float]] = {}
     for load in (int(v) for v in args.load.split(",")):
         stop = mp.Event()
@@ -84,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             p.start()
         try:
             for _ in range(args.rounds):
-                for setting in SETTINGS:
+                for setting in args.settings.split(","):
                     for threads in (1, 2):
                         key = f"load {load} | {setting} | {threads} threads"
                         times.setdefault(key, []).append(_time(setting, threads, args.data))

@@ -28,14 +28,17 @@ Conventions: images ``(B, C, *S)``; displacements ``(B, ndim, *S)`` in voxel uni
 import os as _os
 import sys as _sys
 
-# PyTorch's CPU kernels run in OpenMP regions, and libgomp's idle threads spin before they
-# sleep: with other processes competing for the cores, every one of the solver's thousands of
-# small regions then waits for a parked sibling thread (measured: ``fast`` 0.64 s passive
-# against 13.7 s spinning, 2 threads on a busy 2-core machine; ``benchmarks/threads.py``).
-# Passive waiting unless the user set a policy. libgomp reads it when torch loads it, so this
-# takes effect only where torch was not imported before this package (README: Speed).
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# PyTorch's CPU kernels run in OpenMP regions, and libgomp's idle threads spin (by default
+# for ~300 000 polls) before they sleep: with other processes competing for the cores, every
+# one of the solver's thousands of small regions then waits for a parked sibling thread
+# (``fast``, 2 threads, busy 2-core machine: 10–17 s instead of 0.1–0.2 s). Passive waiting
+# fixes that but costs 1.7–2× on a quiet machine (every region wakes sleeping threads); a
+# short spin, 1000 polls, keeps the quiet machine's speed and brings the busy one within 1.6×
+# of passive (``benchmarks/threads.py``; README: Speed). Set unless the user chose a policy;
+# libgomp reads it when torch loads it, so it takes effect only where torch was not imported
+# before this package.
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
 
 from . import losses, metrics  # noqa: E402
 from .api import affine, affine_to_displacement, register, warp, warp_labels
