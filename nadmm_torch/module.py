@@ -88,8 +88,9 @@ def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
     _drop_fixed_values(module, state_dict, prefix)
 
 
-# Settings newer than the settings record: a record without them was saved with their default.
-SETTINGS_DEFAULTS = {"features": "none"}
+# Settings newer than the settings record: a record without them was saved with their then
+# behaviour (absolute θ before ``theta_scaling`` existed).
+SETTINGS_DEFAULTS = {"features": "none", "theta_scaling": "none"}
 
 
 def _compare_settings(mine: dict, theirs: dict) -> None:

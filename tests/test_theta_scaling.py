@@ -179,3 +179,14 @@ def test_channels_each_weigh_alike_in_the_characteristic_frequency():
     three = spectral_scale(f.repeat(2, 3, 1, 1), m.repeat(2, 3, 1, 1), (1.0, 1.0), weight=w)
     assert three.shape == (2,)
     torch.testing.assert_close(three, one.expand(2), rtol=1e-12, atol=0)
+
+
+def test_state_dicts_saved_before_theta_scaling_mean_absolute_theta():
+    saved = nt.NADMMRegistration("fast", learnable="theta").state_dict()
+    doc = json.loads(bytes(saved["_extra_state"].tolist()).decode())
+    assert doc["settings"]["theta_scaling"] == "spectral"
+    del doc["settings"]["theta_scaling"]  # a record written before the option existed
+    saved["_extra_state"] = torch.tensor(list(json.dumps(doc).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"theta_scaling: saved 'none', this module 'spectral'"):
+        nt.NADMMRegistration("fast", learnable="theta").load_state_dict(saved)
+    nt.NADMMRegistration("fast", learnable="theta", theta_scaling="none").load_state_dict(saved)
