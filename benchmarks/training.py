@@ -46,7 +46,8 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (benchmarks/threads.py)
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):  # as nadmm_torch does
+    os.environ["GOMP_SPINCOUNT"] = "1000"  # before torch loads (benchmarks/threads.py)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
