@@ -51,22 +51,43 @@ def prepare_pair(
     return fixed, moving
 
 
+def solved_levels(config: SolverConfig) -> list[int]:
+    """The pyramid levels with warps: the only ones with hyperparameters to learn (a level
+    without warps, such as the finest of ``fast``, is never solved: no path reaches it)."""
+    return [level for level, w in enumerate(config.warps) if w > 0]
+
+
 def initial_values(config: SolverConfig, schedule: str) -> dict[str, Tensor]:
-    """The unconstrained hyperparameters (float32) that reproduce ``config``: ``(levels, K)``
-    for ``schedule="iteration"`` λ, θ, else ``(levels, 1)``; momentum ``(levels, K)``, step
-    ``(levels, W)`` (``K``, ``W``: the most iterations and warps of a level)."""
+    """The unconstrained hyperparameters (float32) that reproduce ``config``, one row per
+    solved level (:func:`solved_levels`, coarse → fine): ``(L, K)`` for
+    ``schedule="iteration"`` λ, θ, else ``(L, 1)``; momentum ``(L, K)``, step ``(L, W)``
+    (``K``, ``W``: the most iterations and warps of a level)."""
+    rows = solved_levels(config)
     k_max, w_max = max(config.iterations), max(config.warps)
     cols = k_max if schedule == "iteration" else 1
-    lam = torch.tensor(config.per_level("lam"), dtype=torch.float64).log()
-    theta = torch.tensor(config.per_level("theta"), dtype=torch.float64).log()
+    lam = torch.tensor(config.per_level("lam"), dtype=torch.float64)[rows].log()
+    theta = torch.tensor(config.per_level("theta"), dtype=torch.float64)[rows].log()
     a = torch.tensor(nesterov_weights(k_max), dtype=torch.float64).clamp(1e-3, 1 - 1e-3)
     values = {
         "log_lam": lam.unsqueeze(1).repeat(1, cols),
         "log_theta": theta.unsqueeze(1).repeat(1, cols),
-        "momentum_logit": torch.logit(a).repeat(config.levels, 1),
-        "log_step": torch.zeros(config.levels, w_max, dtype=torch.float64),
+        "momentum_logit": torch.logit(a).repeat(len(rows), 1),
+        "log_step": torch.zeros(len(rows), w_max, dtype=torch.float64),
     }
     return {name: v.float() for name, v in values.items()}
+
+
+def _solved_rows_of(module, state_dict, prefix: str) -> None:
+    """State dicts of earlier versions held one row per level, solved or not: keep the rows
+    of the solved levels (the others were never used)."""
+    config = module.config
+    rows = solved_levels(config)
+    if len(rows) == config.levels:
+        return
+    for name in HYPERPARAMETERS:
+        saved = state_dict.get(prefix + name)
+        if isinstance(saved, Tensor) and saved.dim() == 2 and saved.shape[0] == config.levels:
+            state_dict[prefix + name] = saved[rows]
 
 
 def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
@@ -85,6 +106,7 @@ def _check_saved_settings(module, state_dict, prefix, *_args) -> None:
         state_dict[key] = None  # strict loading would report the entry as missing
     else:
         _compare_settings(module._settings(), _decode_settings(saved))
+    _solved_rows_of(module, state_dict, prefix)
     _drop_fixed_values(module, state_dict, prefix)
 
 
@@ -157,9 +179,9 @@ class NADMMRegistration(nn.Module):
         data_term: ``"l2"`` (default, or the settings file's) or ``"l1"``.
         order: regulariser order ``n ≥ 1`` (default 2, or the settings file's).
         learnable: ``None``/``False`` (classical solver), ``True``/``"all"``, or a subset of
-            ``{"lambda", "theta", "momentum", "step"}``. A level without warps (the finest
-            level of ``fast``) is never solved, so its entries get no gradient and keep their
-            starting values.
+            ``{"lambda", "theta", "momentum", "step"}``. Parameters exist only for the
+            levels with warps (one row each, coarse → fine): a level without warps (the finest
+            of ``fast``) is never solved, so it has none and keeps the config's values.
         schedule: ``"level"`` (one λ, θ per pyramid level) or ``"iteration"`` (one per ADMM
             iteration and level: untied schedules).
         checkpoint: gradient checkpointing per warp: ``True`` (each warp runs without an
@@ -286,28 +308,28 @@ class NADMMRegistration(nn.Module):
         None): the learnable ones from their parameters, the others from the config, exact
         in ``dtype``. ``device``: where the config's values go (default: the CPU)."""
         cfg, per_iter = self._config, self.schedule == "iteration"
+        row = {level: r for r, level in enumerate(solved_levels(cfg))}
         out = {}
         for attr, name, key in (("log_lam", "lam", "lambda"), ("log_theta", "theta", "theta")):
+            out[name] = [
+                torch.full((k,) if per_iter else (), v, dtype=dtype, device=device)
+                for v, k in zip(cfg.per_level(name), cfg.iterations)
+            ]
             if key in self.learnable:
                 p = getattr(self, attr)
-                out[name] = [
-                    p[level, slice(0, k) if per_iter else 0].to(dtype).exp()
-                    for level, k in enumerate(cfg.iterations)
-                ]
-            else:
-                out[name] = [
-                    torch.full((k,) if per_iter else (), v, dtype=dtype, device=device)
-                    for v, k in zip(cfg.per_level(name), cfg.iterations)
-                ]
+                for level, r in row.items():
+                    k = cfg.iterations[level]
+                    out[name][level] = p[r, slice(0, k) if per_iter else 0].to(dtype).exp()
         out["momentum"] = out["step_scale"] = None
         if "momentum" in self.learnable:
             out["momentum"] = [
-                torch.sigmoid(self.momentum_logit[level, :k].to(dtype))
-                for level, k in enumerate(cfg.iterations)
+                torch.sigmoid(self.momentum_logit[row[level], :k].to(dtype)) if level in row
+                else None for level, k in enumerate(cfg.iterations)
             ]
         if "step" in self.learnable:
             out["step_scale"] = [
-                self.log_step[level, :w].to(dtype).exp() for level, w in enumerate(cfg.warps)
+                self.log_step[row[level], :w].to(dtype).exp() if level in row else None
+                for level, w in enumerate(cfg.warps)
             ]
         return out
 
