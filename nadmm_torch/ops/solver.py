@@ -619,11 +619,11 @@ def _solve_level(run: _Run, level: int, factors: tuple[int, ...], d: Tensor | No
     if config.lam_scaling == "gradient":  # λ relative to the pair's gradient energy here
         scale = gradient_scale(f_l, m_l, run.keep)
         f_l, m_l = f_l / scale, m_l / scale
-    weight = _data_weight(run, size)
+    level_mask = resize(run.mask, size, mode="area") if run.mask is not None else None
+    weight = _data_weight(level_mask, config.data_term)
     d = _level_start(run, d, size)
     admm_kwargs = _admm_settings(run, level, level_spacing)
     if config.theta_scaling == "spectral":  # θ relative to the pair's k²ⁿ here
-        level_mask = resize(run.mask, size, mode="area") if run.mask is not None else None
         k2n = spectral_scale(f_l, m_l, level_spacing, run.keep, level_mask).pow(config.order)
         admm_kwargs["theta"] = _relative_theta(admm_kwargs["theta"], k2n, d.dim())
     scales = _level_value(run.step_scale, level) if run.step_scale is not None else None
@@ -685,13 +685,12 @@ def _admm_settings(run: _Run, level: int, spacing: tuple[float, ...]) -> dict:
     )
 
 
-def _data_weight(run: _Run, size: tuple[int, ...]) -> Tensor | None:
-    """The mask at the level's ``size`` as the factor on ``g`` and ``c``: ``√m`` (l2), ``m``
-    (l1), so the data term is weighted by ``m`` (see :func:`solve`)."""
-    if run.mask is None:
+def _data_weight(level_mask: Tensor | None, data_term: str) -> Tensor | None:
+    """The mask at a level as the factor on ``g`` and ``c``: ``√m`` (l2), ``m`` (l1), so the
+    data term is weighted by ``m`` (see :func:`solve`)."""
+    if level_mask is None:
         return None
-    m = resize(run.mask, size, mode="area")
-    return m.sqrt() if run.config.data_term == "l2" else m
+    return level_mask.sqrt() if data_term == "l2" else level_mask
 
 
 def _solve_warp(run: _Run, d, f_l, m_l, admm_kwargs: dict, scale, active: Tensor,
