@@ -96,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def subjects(data: Path) -> dict[str, tuple[Path, Path]]:
     """``{subject id: (image path, label path)}`` from ``images/`` and ``labels/``."""
+    if not (data / "images").is_dir():
+        raise SystemExit(f"--data: {data} has no images/ folder")
     out = {}
     for img in sorted((data / "images").glob("*.nii.gz")):
         sid = img.name.split("_")[0]
@@ -115,6 +117,18 @@ def select_pairs(ids: list[str], spec: str | None, quick: bool) -> list[tuple[st
         ids = ids[:4]
         return [(ids[i], ids[(i + 1) % len(ids)]) for i in range(len(ids))]
     return [(m, f) for m in ids for f in ids if m != f]
+
+
+def affine_stages(files: dict, cache: Path) -> dict[tuple[str, str], dict]:
+    """:func:`affine_stage` of every ordered pair of distinct subjects."""
+    ids = list(files)
+    return {p: affine_stage(p, files, cache) for p in select_pairs(ids, None, False)}
+
+
+def environment(argv: list[str] | None) -> dict:
+    """What a record says of the machine and the command that wrote it."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "machine": platform.machine(), "argv": sys.argv[1:] if argv is None else list(argv)}
 
 
 def _ants_to_array(img) -> np.ndarray:
@@ -357,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)
-    data = Path(args.data)
-    if not (data / "images").is_dir():
-        raise SystemExit(f"--data: {data} has no images/ folder")
-    files = subjects(data)
+    files = subjects(Path(args.data))
     pairs = select_pairs(list(files), args.subjects, args.quick)
     methods = [m.strip() for m in (args.methods or ",".join(DEFAULT_METHODS)).split(",")
                if m.strip()]
@@ -398,9 +409,7 @@ def main(argv: list[str] | None = None) -> int:
                        "shrink": list(args.demons_shrink)},
             "syn": {"iterations": list(args.syn_iterations), "cc_radius": args.syn_radius},
         },
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "argv": sys.argv[1:] if argv is None
-                        else list(argv)},
+        "environment": environment(argv),
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,8 +50,6 @@ import importlib.util
 import json
 import math
 import os
-import platform
-import sys
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -364,20 +362,14 @@ def main(argv: list[str] | None = None) -> int:
         args.folds = args.folds or "0"
         args.demons_sigmas, args.demons_iterations = (1.0,), ((100, 60, 30),)
         args.syn_radii, args.syn_grad_steps = (4,), (0.2,)
-    data = Path(args.data)
-    if not (data / "images").is_dir():
-        raise SystemExit(f"--data: {data} has no images/ folder")
-    files = brain2d.subjects(data)
+    files = brain2d.subjects(Path(args.data))
     ids = list(files)
-    stages = {p: brain2d.affine_stage(p, files, Path(args.cache))
-              for p in [(m, f) for m in ids for f in ids if m != f]}
+    stages = brain2d.affine_stages(files, Path(args.cache))
     doc = run(stages, ids, args, log=lambda s: print(s, flush=True))
     print(doc["table"])
     print(doc["choices"])
     doc["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    doc["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
-                          "machine": platform.machine(),
-                          "argv": sys.argv[1:] if argv is None else list(argv)}
+    doc["environment"] = brain2d.environment(argv)
     brain2d_tune._write(doc, Path(args.json))
     return 0
 

@@ -30,8 +30,6 @@ import argparse
 import importlib.util
 import json
 import math
-import platform
-import sys
 import tempfile
 import time
 from fractions import Fraction
@@ -304,19 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         args.epochs = min(args.epochs, 3)
         args.lam_mults, args.theta_mults = args.lam_mults[:2], args.theta_mults[:2]
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    if not (data / "images").is_dir():
-        raise SystemExit(f"--data: {data} has no images/ folder")
-    files = brain2d.subjects(data)
+    files = brain2d.subjects(Path(args.data))
     ids = list(files)
-    stages = {p: brain2d.affine_stage(p, files, Path(args.cache))
-              for p in [(m, f) for m in ids for f in ids if m != f]}
+    stages = brain2d.affine_stages(files, Path(args.cache))
     doc = run(stages, ids, args, log=lambda s: print(s, flush=True))
     print(doc["table"])
     doc["config"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
-    doc["environment"] = {"python": platform.python_version(), "torch": torch.__version__,
-                          "machine": platform.machine(),
-                          "argv": sys.argv[1:] if argv is None else list(argv)}
+    doc["environment"] = brain2d.environment(argv)
     _write(doc, Path(args.json))
     return 0
 

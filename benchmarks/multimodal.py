@@ -32,8 +32,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
-import sys
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -168,10 +166,7 @@ def tables(summary: dict, presets, lam_mults) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = Path(args.data)
-    if not (data / "images").is_dir():
-        raise SystemExit(f"--data: {data} has no images/ folder")
-    files = brain2d.subjects(data)
+    files = brain2d.subjects(Path(args.data))
     pairs = brain2d.select_pairs(list(files), None, args.quick)
     presets = [p.strip() for p in args.presets.split(",") if p.strip()]
     lam_mults = [float(Fraction(v)) for v in args.lam_mults.split(",") if v.strip()]
@@ -189,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                              "original pair, then the moving image remapped",
                    "solver": "nadmm_torch.register, l2, order 2, spacing (1, 1); MIND-SSC "
                              "radius 2, dilation 2"},
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(),
-                        "argv": sys.argv[1:] if argv is None else list(argv)},
+        "environment": brain2d.environment(argv),
     }
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,8 @@ device / dtype fixtures are in ``conftest.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -110,3 +112,32 @@ def sine_field(shape, amplitude=(0.6, 2.5, -2.0)) -> Tensor:
         a, b = axes[(i + 1) % len(shape)], axes[(i + 2) % len(shape)]
         comps.append(amp * np.sin(np.pi * a) * np.sin(2 * np.pi * b + 0.3 * i))
     return torch.tensor(np.stack(comps), dtype=torch.float32)[None]
+
+
+def brain2d_subject(shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """A 32 × 32 stand-in for a brain2d slice: two nested discs (raw-scanner-like intensities)
+    and their labels (a cortical id ≥ 1000 outside, a subcortical one inside), shifted."""
+    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
+    r = np.hypot(y - 16 - shift, x - 16 + shift / 2)
+    image = (np.where(r < 10, 800.0, 0.0) + np.where(r < 5, 600.0, 0.0)).astype(np.float32)
+    labels = (np.where(r < 10, 1002, 0) + np.where(r < 5, 4 - 1002, 0)).astype(np.int64)
+    return image, labels
+
+
+def brain2d_folder(tmp_path: Path, subjects: dict) -> tuple[Path, Path]:
+    """A brain2d ``data`` folder (``images/``, ``labels/``: empty files, only their names are
+    read) and an affine-stage ``cache`` filled with every ordered pair of ``subjects``
+    (``{id: (image, labels)}``), as ``benchmarks/brain2d.py`` would have written it."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    for sub in ("images", "labels"):
+        (data / sub).mkdir(parents=True)
+    cache.mkdir()
+    for sid in subjects:
+        (data / "images" / f"{sid}_slice1.nii.gz").touch()
+        (data / "labels" / f"{sid}_labels_slice1.nii.gz").touch()
+    for m, (mi, ml) in subjects.items():
+        for f, (fi, fl) in subjects.items():
+            if m != f:
+                np.savez(cache / f"{m}__to__{f}.npz", fixed=fi, moving=mi, fixed_labels=fl,
+                         moving_labels=ml, seconds=np.float64(0.0))
+    return data, cache

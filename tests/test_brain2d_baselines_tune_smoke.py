@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.synthetic import brain2d_folder, brain2d_subject
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "brain2d"
 TINY = ["--demons-sigmas", "0.5,2", "--demons-iterations", "5/3/2", "--syn-radii", "2",
@@ -59,31 +61,6 @@ def test_choice_reads_only_the_tuning_pairs_and_keeps_the_anchor_on_ties():
     assert (wins, n) == (1, 3) and delta == pytest.approx((0.1 + 0 - 0.1) / 3)
 
 
-def _synthetic(shift: float) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
-    r = np.hypot(y - 16 - shift, x - 16 + shift / 2)
-    image = (np.where(r < 10, 800.0, 0.0) + np.where(r < 5, 600.0, 0.0)).astype(np.float32)
-    labels = (np.where(r < 10, 1002, 0) + np.where(r < 5, 4 - 1002, 0)).astype(np.int64)
-    return image, labels
-
-
-def _folder(tmp_path: Path, subjects: dict) -> tuple[Path, Path]:
-    """``images/``, ``labels/`` (empty files: only their names are read) and a filled cache."""
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    for sub in ("images", "labels"):
-        (data / sub).mkdir(parents=True)
-    cache.mkdir()
-    for sid in subjects:
-        (data / "images" / f"{sid}_slice1.nii.gz").touch()
-        (data / "labels" / f"{sid}_labels_slice1.nii.gz").touch()
-    for m, (mi, ml) in subjects.items():
-        for f, (fi, fl) in subjects.items():
-            if m != f:
-                np.savez(cache / f"{m}__to__{f}.npz", fixed=fi, moving=mi, fixed_labels=fl,
-                         moving_labels=ml, seconds=np.float64(0.0))
-    return data, cache
-
-
 def _fake_record(path: Path, ids: list[str]) -> None:
     """A ``brain2d_tune.py`` record with one fold (the first subject held out)."""
     entry = dict(dice=0.5, fold_percent=0.0, per_pair=[0.4, 0.5, 0.6, 0.5])
@@ -92,7 +69,7 @@ def _fake_record(path: Path, ids: list[str]) -> None:
 
 
 def _run_and_check(bt, tmp_path: Path, subjects: dict, capsys) -> dict:
-    data, cache = _folder(tmp_path, subjects)
+    data, cache = brain2d_folder(tmp_path, subjects)
     ids = list(subjects)
     _fake_record(tmp_path / "rec.json", ids)
     out, runs = tmp_path / "b.json", tmp_path / "runs"
@@ -135,7 +112,7 @@ def test_baselines_tune_runs_on_synthetic_subjects(tmp_path, capsys):
     pytest.importorskip("SimpleITK")
     pytest.importorskip("ants")
     bt = _load()
-    subjects = {f"SUBJ-{n}": _synthetic(s) for n, s in ((1, 0.0), (2, 2.0), (3, -1.5))}
+    subjects = {f"SUBJ-{n}": brain2d_subject(s) for n, s in ((1, 0.0), (2, 2.0), (3, -1.5))}
     _run_and_check(bt, tmp_path, subjects, capsys)
 
 

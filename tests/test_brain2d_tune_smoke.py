@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.synthetic import brain2d_folder, brain2d_subject
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -34,35 +36,10 @@ def test_folds_leave_one_subject_out():
         assert len(set(f["tune"]) | set(f["test"])) == 20
 
 
-def _subject(shift: float) -> tuple[np.ndarray, np.ndarray]:
-    y, x = np.mgrid[0:32, 0:32].astype(np.float32)
-    r = np.hypot(y - 16 - shift, x - 16 + shift / 2)
-    image = (np.where(r < 10, 800.0, 0.0) + np.where(r < 5, 600.0, 0.0)).astype(np.float32)
-    labels = (np.where(r < 10, 1002, 0) + np.where(r < 5, 4 - 1002, 0)).astype(np.int64)
-    return image, labels
-
-
-def _fake_folder(tmp_path: Path) -> tuple[Path, Path]:
-    """``images/``, ``labels/`` (empty files: only their names are read) and a filled cache."""
-    data, cache = tmp_path / "data", tmp_path / "cache"
-    subjects = {f"SUBJ-{n}": _subject(s) for n, s in ((1, 0.0), (2, 2.0), (3, -1.5))}
-    for sub in ("images", "labels"):
-        (data / sub).mkdir(parents=True)
-    cache.mkdir()
-    for sid in subjects:
-        (data / "images" / f"{sid}_slice1.nii.gz").touch()
-        (data / "labels" / f"{sid}_labels_slice1.nii.gz").touch()
-    for m, (mi, ml) in subjects.items():
-        for f, (fi, fl) in subjects.items():
-            if m != f:
-                np.savez(cache / f"{m}__to__{f}.npz", fixed=fi, moving=mi, fixed_labels=fl,
-                         moving_labels=ml, seconds=np.float64(0.0))
-    return data, cache
-
-
 def test_brain2d_tune_runs_on_synthetic_subjects(tmp_path, capsys):
     bt = _load()
-    data, cache = _fake_folder(tmp_path)
+    subjects = {f"SUBJ-{n}": brain2d_subject(s) for n, s in ((1, 0.0), (2, 2.0), (3, -1.5))}
+    data, cache = brain2d_folder(tmp_path, subjects)
     out = tmp_path / "t.json"
     argv = ["--data", str(data), "--cache", str(cache), "--json", str(out), "--folds", "0",
             "--epochs", "1", "--val-pairs", "1", "--lam-mults", "1/3,1", "--theta-mults",
