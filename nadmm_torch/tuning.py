@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_write
+from .checks import check_same_device
 from .config import SETTINGS_FORMAT, SETTINGS_VERSION, read_settings
 from .losses import DiceLoss, NCCLoss, SmoothnessLoss, warp_onehot
 from .metrics import dice
@@ -241,7 +242,7 @@ def tune(
         raise ValueError(f"learnable: expected 'lambda', 'theta' or both, got {learnable!r}")
     t0 = time.perf_counter()
     model = NADMMRegistration(preset, data_term=data_term, order=order, learnable=learnable,
-                              **overrides)
+                              **overrides).to(_device(pairs))
     train, val = _split(pairs, val_pairs, seed)
     objective = _Objective(pairs, smoothness, ncc_window)
     history, best_epoch = fit(model, train, val, objective.loss, objective.score, epochs=epochs,
@@ -265,6 +266,17 @@ def _settings(model: NADMMRegistration, preset, data_term, order, overrides) -> 
     return dict(format=SETTINGS_FORMAT, version=SETTINGS_VERSION, preset=preset,
                 data_term=data_term, order=order, overrides=out,
                 learned=sorted(model.learnable))
+
+
+def _device(pairs: Sequence[TunePair]) -> torch.device:
+    """The one device of every pair's tensors (where the model is trained)."""
+    device = pairs[0].fixed.device
+    for i, p in enumerate(pairs):
+        for name in ("fixed", "moving", "fixed_labels", "moving_labels"):
+            x = getattr(p, name)
+            if x is not None:
+                check_same_device(x, device, f"pairs[{i}].{name}", "pairs[0].fixed")
+    return device
 
 
 def _check_pairs(pairs: object) -> list[TunePair]:

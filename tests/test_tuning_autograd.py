@@ -98,3 +98,10 @@ def test_load_settings_rejects_other_files(tmp_path):
         load_settings(bad)
     with pytest.raises(FileNotFoundError, match="not found"):
         load_settings(tmp_path / "missing.json")
+
+
+def test_tune_refuses_pairs_on_two_devices():
+    a, b = _slices(2)
+    b = TunePair(b.fixed.to("meta"), b.moving.to("meta"), b.spacing)
+    with pytest.raises(ValueError, match=r"^pairs\[1\]\.fixed: on meta, pairs\[0\]\.fixed on cpu"):
+        tune([a, b], progress=False)

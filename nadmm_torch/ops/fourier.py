@@ -42,16 +42,18 @@ def dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 def _dct_matrix(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
-    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    # Built on ``device``: under torch.compile these constructors are traced into the graph,
+    # and CPU constructors feeding CUDA ops failed Inductor's device check.
+    k = torch.arange(n, dtype=torch.float64, device=device).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64, device=device).unsqueeze(0)
     c = torch.cos(math.pi * k * (2 * i + 1) / (2 * n)) * math.sqrt(2.0 / n)
     c[0] /= math.sqrt(2.0)
     return c.to(dtype=dtype, device=device)
 
 
-def _axis_symbol(n: int, h: float, boundary: str, half: bool) -> Tensor:
+def _axis_symbol(n: int, h: float, boundary: str, half: bool, device=None) -> Tensor:
     """1-D symbol of ``−∂²`` (float64): ``(2 − 2 cos ω_k) / h²``."""
-    k = torch.arange(n // 2 + 1 if half else n, dtype=torch.float64)
+    k = torch.arange(n // 2 + 1 if half else n, dtype=torch.float64, device=device)
     omega = (2.0 * math.pi / n) * k if boundary == "periodic" else (math.pi / n) * k
     return (2.0 - 2.0 * torch.cos(omega)) / (h * h)
 
@@ -78,12 +80,12 @@ def laplacian_symbol(
 
 def _laplacian_symbol(shape, spacing, order, boundary, dtype, device) -> Tensor:
     ndim = len(shape)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=device)  # on device: see _dct_matrix
     for d, (n, h) in enumerate(zip(shape, spacing)):
         half = boundary == "periodic" and d == ndim - 1
         view = [1] * ndim
         view[d] = -1
-        total = total + _axis_symbol(n, h, boundary, half).view(view)
+        total = total + _axis_symbol(n, h, boundary, half, device).view(view)
     return (total**order).to(dtype=dtype, device=device)
 
 
