@@ -19,6 +19,8 @@ the tuning pairs (12 of 20 with 5 subjects) and the pairs involving ``s`` are sc
   its wall time is the sum of the registration times of its tuning pairs over the grid;
 * ``tuned``: :func:`nadmm_torch.tune` from the defaults on the tuning pairs with labels (soft
   Dice), ``--val-pairs`` of them held out for early stopping; wall time ``TuneResult.time_s``;
+* ``tuned-noscan`` (``--compare-no-scan``): the same without the scan of global multipliers
+  that precedes gradient descent (``nt.tune(scan=False)``);
 * ``tuned-nolabels`` (``--unlabelled``): the same with NCC + smoothness, no labels.
 
 All on one thread (``--threads``). ``--quick``: fold 0 only, 3 epochs, a 2 × 2 grid.
@@ -68,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--val-pairs", type=int, default=3)
     ap.add_argument("--unlabelled", action="store_true", help="also tune on NCC + smoothness")
+    ap.add_argument("--no-scan", action="store_true",
+                    help="tuned: nt.tune(scan=False) (how the records before the scan were made)")
+    ap.add_argument("--compare-no-scan", action="store_true",
+                    help="also nt.tune(scan=False): gradient descent from the defaults alone")
     ap.add_argument("--smoothness", type=float, default=1.0, help="unlabelled tuning's weight")
     ap.add_argument("--lam-mults", type=_floats, default=_floats("1/3,1,3,9"))
     ap.add_argument("--theta-mults", type=_floats, default=_floats("1,3,10,30,100"))
@@ -180,12 +186,14 @@ def run_fold(fold: dict, stages: dict, grid: dict, preset: str, args, log=print)
                        tune_dice=float(np.mean([grid[choice][p][0] for p in tune])),
                        time_s=float(sum(grid[k][p][2] for k in grid for p in tune)),
                        registrations=len(grid) * len(tune))
-    variants = [("tuned", True)] + ([("tuned-nolabels", False)] if args.unlabelled else [])
-    for name, labelled in variants:
+    variants = [("tuned", True, not args.no_scan)]
+    variants += [("tuned-noscan", True, False)] if args.compare_no_scan else []
+    variants += [("tuned-nolabels", False, True)] if args.unlabelled else []
+    for name, labelled, scan in variants:
         result = nt.tune(tune_pairs(stages, tune, labelled), preset=preset, data_term="l2",
                          order=2, val_pairs=args.val_pairs, epochs=args.epochs, lr=args.lr,
                          patience=args.patience, smoothness=args.smoothness, seed=args.seed,
-                         progress=False)
+                         progress=False, scan=scan)
         with tempfile.TemporaryDirectory() as tmp:  # the settings file's round trip
             kwargs = load_settings(result.save(Path(tmp) / "tuned.json"))
         base = defaults(preset)
@@ -195,7 +203,7 @@ def run_fold(fold: dict, stages: dict, grid: dict, preset: str, args, log=print)
             val_best=result.val_best, lam=list(kwargs["lam"]), theta=list(kwargs["theta"]),
             lam_mult=[a / b for a, b in zip(kwargs["lam"], base["lam"])],
             theta_mult=[a / b for a, b in zip(kwargs["theta"], base["theta"])],
-            history=result.history)
+            history=result.history, scan=result.scan)
         log(f"fold {fold['held_out']} {preset} {name}: held-out Dice {out[name]['dice']:.4f} "
             f"(val {result.val_start:.4f} -> {result.val_best:.4f}, epoch {result.best_epoch}, "
             f"{result.time_s:.0f} s)")
@@ -205,7 +213,7 @@ def run_fold(fold: dict, stages: dict, grid: dict, preset: str, args, log=print)
     return out
 
 
-METHODS = ("defaults", "grid", "tuned", "tuned-nolabels")
+METHODS = ("defaults", "grid", "tuned", "tuned-noscan", "tuned-nolabels")
 
 
 def table(results: list[dict]) -> str:

@@ -1480,6 +1480,9 @@ def build_tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-pairs", type=int, default=None,
                    help="pairs held out (default: a quarter when there are >= 3)")
     p.add_argument("--patience", type=int, default=3, help="epochs without improvement (3)")
+    p.add_argument("--no-scan", dest="scan", action="store_false",
+                   help="start gradient descent from the preset, without first scoring global "
+                        "λ x (1/3, 1, 3) and θ x (1/3 ... 30) multipliers on the pairs")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     return p
@@ -1523,7 +1526,8 @@ def _tune_run(args: argparse.Namespace) -> int:
     try:
         result = nt.tune(pairs, preset=args.preset, data_term=args.data_term, order=args.order,
                          val_pairs=args.val_pairs, epochs=args.epochs, lr=args.lr,
-                         patience=args.patience, progress=False if args.quiet else None)
+                         patience=args.patience, progress=False if args.quiet else None,
+                         scan=args.scan)
     except (ValueError, TypeError) as exc:
         raise CLIError(f"tuning: {_one_line(exc)}") from None
     try:
@@ -1532,6 +1536,11 @@ def _tune_run(args: argparse.Namespace) -> int:
         raise CLIError(
             f"cannot write the settings file '{output}': {exc.strerror or _one_line(exc)}"
         ) from None
+    if result.scan:
+        best = max(result.scan, key=lambda r: r["score"])
+        start = result.scan[0]["score"]
+        log.info(f"scan: started from λ x{best['lam_mult']:.3g}, θ x{best['theta_mult']:.3g} "
+                 f"(training score {best['score']:.4f}; the preset's {start:.4f})")
     log.out(f"validation score {result.val_start:.4f} -> {result.val_best:.4f} "
             f"(epoch {result.best_epoch}), {result.time_s:.1f} s; settings: {output}")
     return 0

@@ -22,7 +22,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -57,7 +57,9 @@ class TunePair:
 
 @dataclass
 class TuneResult:
-    """What :func:`tune` learned and how: ``settings`` loads with :func:`load_settings`."""
+    """What :func:`tune` learned and how: ``settings`` loads with :func:`load_settings`.
+    ``scan``: the scored multipliers of the scan (all pairs); ``history`` and
+    ``val_start``: from where gradient descent started (after the scan)."""
 
     settings: dict
     history: list[dict] = field(default_factory=list)
@@ -65,6 +67,7 @@ class TuneResult:
     val_start: float | None = None
     val_best: float | None = None
     time_s: float = 0.0
+    scan: list[dict] = field(default_factory=list)
 
     def save(self, path: str | Path) -> Path:
         """Write the settings file (JSON) atomically; returns its path."""
@@ -138,6 +141,12 @@ def _split(pairs: Sequence[TunePair], val_pairs: int | None, seed: int):
     random.Random(seed).shuffle(order)
     val = sorted(order[:val_pairs])
     return [pairs[i] for i in order[val_pairs:]], [pairs[i] for i in val]
+
+
+# Global multipliers of λ and θ that the scan of :func:`tune` scores: θ spans two decades
+# upward (a new domain's images may want a much smoother velocity than the presets' tuning
+# data), λ one decade around the start.
+SCAN_GRID = {"lam": (1 / 3, 1.0, 3.0), "theta": (1 / 3, 1.0, 3.0, 10.0, 30.0)}
 
 
 def _mean(values: list[float]) -> float:
@@ -227,12 +236,18 @@ def tune(
     ncc_window: int = 9,
     seed: int = 0,
     progress: bool | None = None,
+    scan: bool | Mapping[str, Sequence[float]] = True,
     **overrides,
 ) -> TuneResult:
     """Learn the solver's settings for a domain from ``pairs`` (see the module docstring).
 
     ``learnable``: ``"lambda"``, ``"theta"`` or both (what a settings file stores).
     ``val_pairs``: how many pairs to hold out (default a quarter when there are ≥ 3).
+    ``scan``: before gradient descent, score global multipliers of the learnable λ and θ (all
+    levels alike; default :data:`SCAN_GRID`, or a mapping ``{"lam": [...], "theta": [...]}``)
+    on all pairs and start from the best: the gradient steps refine (per level), the
+    scan finds the order of magnitude that a few small steps cannot reach on a new domain.
+    ``False``: start from the given settings.
     ``overrides``: starting solver settings (e.g. ``lam``, ``theta``, ``warps``).
     Returns a :class:`TuneResult`.
     """
@@ -245,14 +260,62 @@ def tune(
                               **overrides).to(_device(pairs))
     train, val = _split(pairs, val_pairs, seed)
     objective = _Objective(pairs, smoothness, ncc_window)
+    grid = _scan_grid(scan, names)
+    # The scan picks two numbers: all pairs serve it (validation pairs too; their check of the
+    # descent then favours the scan's choice, a conservative bias).
+    scanned = _scan(model, pairs, objective.score, grid) if grid else []
     history, best_epoch = fit(model, train, val, objective.loss, objective.score, epochs=epochs,
                               lr=lr, patience=patience, seed=seed, progress=progress)
     settings = _settings(model, preset, data_term, order, overrides)
     return TuneResult(
         settings=settings, history=history, best_epoch=best_epoch,
         val_start=history[0]["val_score"], val_best=history[best_epoch]["val_score"],
-        time_s=time.perf_counter() - t0,
+        time_s=time.perf_counter() - t0, scan=scanned,
     )
+
+
+def _scan_grid(scan: object, names: set[str]) -> dict[str, tuple[float, ...]]:
+    """The multipliers to scan per learnable name (``{}``: no scan)."""
+    if scan is False:
+        return {}
+    grid = SCAN_GRID if scan is True else scan
+    if not isinstance(grid, Mapping) or not set(grid) <= {"lam", "theta"}:
+        raise ValueError(f"scan: expected True, False or a mapping with keys 'lam' / 'theta', "
+                         f"got {scan!r}")
+    out = {}
+    for key, name in (("lam", "lambda"), ("theta", "theta")):
+        values = tuple(grid.get(key, (1.0,))) if name in names else (1.0,)
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                 and math.isfinite(v) and v > 0 for v in values):
+            raise ValueError(f"scan[{key!r}]: expected positive finite numbers, got {values!r}")
+        out[key] = values
+    return out
+
+
+@torch.no_grad()
+def _scan(model: NADMMRegistration, pairs: Sequence, score, grid: dict) -> list[dict]:
+    """Score every (λ, θ) multiplier pair of ``grid`` (mean ``score`` over ``pairs``), leave
+    ``model`` at the best and return the scores; the given settings (1, 1) win ties."""
+    params = {key: getattr(model, attr) for key, attr in (("lam", "log_lam"),
+                                                          ("theta", "log_theta"))
+              if hasattr(model, attr)}
+    start = {key: p.detach().clone() for key, p in params.items()}
+    points = sorted(((a, b) for a in grid["lam"] for b in grid["theta"]),
+                    key=lambda ab: (ab != (1.0, 1.0), ab))
+    rows, best = [], None
+    for lam_mult, theta_mult in points:
+        for key, mult in (("lam", lam_mult), ("theta", theta_mult)):
+            if key in params:
+                params[key].copy_(start[key] + math.log(mult))
+        row = dict(lam_mult=lam_mult, theta_mult=theta_mult,
+                   score=_mean([score(model, p) for p in pairs]))
+        rows.append(row)
+        if best is None or row["score"] > best["score"]:
+            best = row
+    for key, mult in (("lam", best["lam_mult"]), ("theta", best["theta_mult"])):
+        if key in params:
+            params[key].copy_(start[key] + math.log(mult))
+    return rows
 
 
 def _settings(model: NADMMRegistration, preset, data_term, order, overrides) -> dict:

@@ -1,6 +1,7 @@
 """Self-tuning (nadmm_torch.tuning): the fitting loop on a known optimum, and real tuning."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def test_tune_improves_a_bad_start_and_saves_loadable_settings(tmp_path):
     torch.manual_seed(0)
     pairs = _slices(4)
     result = tune(pairs, lam=0.003, warps=(4, 3, 0), val_pairs=1, epochs=2, lr=0.4,
-                  progress=False)
+                  progress=False, scan=False)
     assert result.val_best > result.val_start + 0.02
     path = result.save(tmp_path / "tuned.json")
     kwargs = load_settings(path)
@@ -105,3 +106,42 @@ def test_tune_refuses_pairs_on_two_devices():
     b = TunePair(b.fixed.to("meta"), b.moving.to("meta"), b.spacing)
     with pytest.raises(ValueError, match=r"^pairs\[1\]\.fixed: on meta, pairs\[0\]\.fixed on cpu"):
         tune([a, b], progress=False)
+
+
+def test_scan_leaves_the_model_at_the_best_multipliers_and_keeps_the_start_on_ties():
+    from nadmm_torch.tuning import _scan
+
+    model = nt.NADMMRegistration("fast", learnable=("lambda", "theta"))
+    lam0, theta0 = model.log_lam.detach().clone(), model.log_theta.detach().clone()
+    grid = {"lam": (1 / 3, 1.0, 3.0), "theta": (1.0, 10.0, 100.0)}
+
+    def score(m, _pair):  # best at λ ×3, θ ×10 (read back from the parameters)
+        a = float((m.log_lam - lam0).mean()) - math.log(3.0)
+        b = float((m.log_theta - theta0).mean()) - math.log(10.0)
+        return -(a * a + b * b)
+
+    rows = _scan(model, [None], score, grid)
+    assert len(rows) == 9 and rows[0]["lam_mult"] == rows[0]["theta_mult"] == 1.0
+    torch.testing.assert_close(model.log_lam.detach(), lam0 + math.log(3.0))
+    torch.testing.assert_close(model.log_theta.detach(), theta0 + math.log(10.0))
+    model = nt.NADMMRegistration("fast", learnable=("lambda", "theta"))
+    _scan(model, [None], lambda m, p: 0.5, grid)  # flat: the given settings stay
+    torch.testing.assert_close(model.log_lam.detach(), lam0)
+    torch.testing.assert_close(model.log_theta.detach(), theta0)
+
+
+def test_tune_scans_only_what_it_learns_and_starts_descent_at_the_scan_best():
+    pairs = _slices(3)
+    result = tune(pairs, lam=0.03, warps=(4, 3, 0), val_pairs=1, epochs=1, lr=0.1,
+                  learnable="lambda", progress=False)
+    assert {r["theta_mult"] for r in result.scan} == {1.0} and len(result.scan) == 3
+    best = max(result.scan, key=lambda r: r["score"])
+    assert best["score"] > result.scan[0]["score"] + 0.05  # λ = 0.03 is a bad start
+    assert best["lam_mult"] == 1 / 3  # descent starts there: one epoch at lr 0.1 moves log λ
+    assert all(abs(math.log(v / 0.01)) < 0.2 for v in result.settings["overrides"]["lam"][:2])
+
+
+@pytest.mark.parametrize("scan", [{"mu": (1.0,)}, {"theta": (0.0, 1.0)}, {"lam": ()}, "yes"])
+def test_tune_rejects_a_bad_scan(scan):
+    with pytest.raises(ValueError, match="^scan"):
+        tune(_slices(2), scan=scan, progress=False)
