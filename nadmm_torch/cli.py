@@ -1481,8 +1481,8 @@ def build_tune_parser() -> argparse.ArgumentParser:
                    help="pairs held out (default: a quarter when there are >= 3)")
     p.add_argument("--patience", type=int, default=3, help="epochs without improvement (3)")
     p.add_argument("--no-scan", dest="scan", action="store_false",
-                   help="start gradient descent from the preset, without first scoring global "
-                        "λ x (1/3, 1, 3) and θ x (1/3 ... 30) multipliers on the pairs")
+                   help="start gradient descent from the preset, without first searching "
+                        "global λ and θ multipliers (powers of 3) on the pairs")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:1, ...")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or messages")
     return p

@@ -143,10 +143,11 @@ def _split(pairs: Sequence[TunePair], val_pairs: int | None, seed: int):
     return [pairs[i] for i in order[val_pairs:]], [pairs[i] for i in val]
 
 
-# Global multipliers of λ and θ that the scan of :func:`tune` scores: θ spans two decades
-# upward (a new domain's images may want a much smoother velocity than the presets' tuning
-# data), λ one decade around the start.
-SCAN_GRID = {"lam": (1 / 3, 1.0, 3.0), "theta": (1 / 3, 1.0, 3.0, 10.0, 30.0)}
+# The scan of :func:`tune`: a pattern search over global multipliers of λ and θ on the powers
+# of SCAN_FACTOR (a factor the descent's small steps need many epochs for), at most SCAN_MOVES
+# moves from the start: from 3^-6 to 3^6 (±2.9 decades) along one of them.
+SCAN_FACTOR = 3.0
+SCAN_MOVES = 6
 
 
 def _mean(values: list[float]) -> float:
@@ -244,10 +245,11 @@ def tune(
     ``learnable``: ``"lambda"``, ``"theta"`` or both (what a settings file stores).
     ``val_pairs``: how many pairs to hold out (default a quarter when there are ≥ 3).
     ``scan``: before gradient descent, score global multipliers of the learnable λ and θ (all
-    levels alike; default :data:`SCAN_GRID`, or a mapping ``{"lam": [...], "theta": [...]}``)
-    on all pairs and start from the best: the gradient steps refine (per level), the
-    scan finds the order of magnitude that a few small steps cannot reach on a new domain.
-    ``False``: start from the given settings.
+    levels alike) on all pairs and start from the best: ``True``, a pattern search over powers
+    of 3 from the given settings (:func:`_scan`), or every point of a grid ``{"lam": [...],
+    "theta": [...]}``; ``False``: start from the given settings. The scan finds the order of
+    magnitude that the descent's small steps cannot reach on a new domain; the descent then
+    refines per level.
     ``overrides``: starting solver settings (e.g. ``lam``, ``theta``, ``warps``).
     Returns a :class:`TuneResult`.
     """
@@ -263,7 +265,7 @@ def tune(
     grid = _scan_grid(scan, names)
     # The scan picks two numbers: all pairs serve it (validation pairs too; their check of the
     # descent then favours the scan's choice, a conservative bias).
-    scanned = _scan(model, pairs, objective.score, grid) if grid else []
+    scanned = [] if grid == {} else _scan(model, pairs, objective.score, grid)
     history, best_epoch = fit(model, train, val, objective.loss, objective.score, epochs=epochs,
                               lr=lr, patience=patience, seed=seed, progress=progress)
     settings = _settings(model, preset, data_term, order, overrides)
@@ -274,17 +276,19 @@ def tune(
     )
 
 
-def _scan_grid(scan: object, names: set[str]) -> dict[str, tuple[float, ...]]:
-    """The multipliers to scan per learnable name (``{}``: no scan)."""
+def _scan_grid(scan: object, names: set[str]) -> dict[str, tuple[float, ...]] | None:
+    """The multipliers to scan per learnable name: ``None`` for the pattern search of
+    ``scan=True``, ``{}`` for no scan, else the grid of the mapping."""
+    if scan is True:
+        return None
     if scan is False:
         return {}
-    grid = SCAN_GRID if scan is True else scan
-    if not isinstance(grid, Mapping) or not set(grid) <= {"lam", "theta"}:
+    if not isinstance(scan, Mapping) or not set(scan) <= {"lam", "theta"}:
         raise ValueError(f"scan: expected True, False or a mapping with keys 'lam' / 'theta', "
                          f"got {scan!r}")
     out = {}
     for key, name in (("lam", "lambda"), ("theta", "theta")):
-        values = tuple(grid.get(key, (1.0,))) if name in names else (1.0,)
+        values = tuple(scan.get(key, (1.0,))) if name in names else (1.0,)
         if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                  and math.isfinite(v) and v > 0 for v in values):
             raise ValueError(f"scan[{key!r}]: expected positive finite numbers, got {values!r}")
@@ -293,29 +297,53 @@ def _scan_grid(scan: object, names: set[str]) -> dict[str, tuple[float, ...]]:
 
 
 @torch.no_grad()
-def _scan(model: NADMMRegistration, pairs: Sequence, score, grid: dict) -> list[dict]:
-    """Score every (λ, θ) multiplier pair of ``grid`` (mean ``score`` over ``pairs``), leave
-    ``model`` at the best and return the scores; the given settings (1, 1) win ties."""
+def _scan(model: NADMMRegistration, pairs: Sequence, score,
+          grid: dict | None = None) -> list[dict]:
+    """Score global multipliers ``(a, b)`` of the learnable λ and θ (mean ``score`` over
+    ``pairs``), leave ``model`` at the best and return the scored points, the given settings
+    ``(1, 1)`` first (they win ties). ``grid``: every combination of its values; ``None``: a
+    pattern search on the lattice of powers of :data:`SCAN_FACTOR` from ``(1, 1)``, moving to
+    the best of the (up to four) neighbours while one improves, at most :data:`SCAN_MOVES`
+    moves."""
     params = {key: getattr(model, attr) for key, attr in (("lam", "log_lam"),
                                                           ("theta", "log_theta"))
               if hasattr(model, attr)}
     start = {key: p.detach().clone() for key, p in params.items()}
-    points = sorted(((a, b) for a in grid["lam"] for b in grid["theta"]),
-                    key=lambda ab: (ab != (1.0, 1.0), ab))
-    rows, best = [], None
-    for lam_mult, theta_mult in points:
-        for key, mult in (("lam", lam_mult), ("theta", theta_mult)):
-            if key in params:
-                params[key].copy_(start[key] + math.log(mult))
-        row = dict(lam_mult=lam_mult, theta_mult=theta_mult,
-                   score=_mean([score(model, p) for p in pairs]))
-        rows.append(row)
-        if best is None or row["score"] > best["score"]:
-            best = row
-    for key, mult in (("lam", best["lam_mult"]), ("theta", best["theta_mult"])):
+    rows: dict[tuple[float, float], dict] = {}
+
+    def visit(point: tuple[float, float]) -> dict:
+        if point not in rows:
+            for key, mult in zip(("lam", "theta"), point, strict=True):
+                if key in params:
+                    params[key].copy_(start[key] + math.log(mult))
+            rows[point] = dict(lam_mult=point[0], theta_mult=point[1],
+                               score=_mean([score(model, p) for p in pairs]))
+        return rows[point]
+
+    def best() -> dict:  # first visited wins ties: the start, then earlier points
+        return max(rows.values(), key=lambda r: r["score"])
+
+    visit((1.0, 1.0))
+    if grid is not None:
+        for point in sorted((a, b) for a in grid["lam"] for b in grid["theta"]):
+            visit(point)
+    else:
+        steps = [(f, 1.0) for f in ((SCAN_FACTOR, 1 / SCAN_FACTOR) if "lam" in params else ())]
+        steps += [(1.0, f) for f in ((SCAN_FACTOR, 1 / SCAN_FACTOR) if "theta" in params else ())]
+        centre = rows[(1.0, 1.0)]
+        for _ in range(SCAN_MOVES):
+            a, b = centre["lam_mult"], centre["theta_mult"]
+            for da, db in steps:
+                visit((a * da, b * db))
+            if best() is centre:
+                break
+            centre = best()
+    chosen = best()
+    for key, mult in zip(("lam", "theta"), (chosen["lam_mult"], chosen["theta_mult"]),
+                         strict=True):
         if key in params:
             params[key].copy_(start[key] + math.log(mult))
-    return rows
+    return list(rows.values())
 
 
 def _settings(model: NADMMRegistration, preset, data_term, order, overrides) -> dict:

@@ -72,3 +72,16 @@ def test_cohort_benchmark_writes_its_table(tmp_path, capsys):
                                                                         ("eager", 2)]
     assert doc["solver"]["rows"][1]["max_abs_diff_vs_batch1_eager"] < 1e-3
     assert "| solver, eager | common (2) | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not (REPO / ".." / "shared" / "data" / "acdc" / "pairs.csv").is_file(),
+                    reason="ACDC data folder ../shared/data/acdc (with pairs.csv) is absent")
+def test_acdc_tune_benchmark_scores_every_variant(tmp_path):
+    bench = _load("acdc_tune")
+    out = tmp_path / "acdc_tune.json"
+    assert bench.main(["--tune-pairs", "2", "--report-pairs", "1", "--epochs", "1",
+                       "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["rows"]) == ["defaults", "scan only", "scan + descent", "descent only"]
+    assert len(doc["rows"]["scan only"]["scan"]) >= 5 and not doc["rows"]["descent only"]["scan"]
+    assert all(0 < r["dice"] <= 1 for r in doc["rows"].values())
