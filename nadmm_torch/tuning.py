@@ -303,8 +303,8 @@ def _scan(model: NADMMRegistration, pairs: Sequence, score,
     ``pairs``), leave ``model`` at the best and return the scored points, the given settings
     ``(1, 1)`` first (they win ties). ``grid``: every combination of its values; ``None``: a
     pattern search on the lattice of powers of :data:`SCAN_FACTOR` from ``(1, 1)``, moving to
-    the best of the (up to four) neighbours while one improves, at most :data:`SCAN_MOVES`
-    moves."""
+    the best of the (up to eight, diagonals included: λ and θ often want to move together)
+    neighbours while one improves, at most :data:`SCAN_MOVES` moves."""
     params = {key: getattr(model, attr) for key, attr in (("lam", "log_lam"),
                                                           ("theta", "log_theta"))
               if hasattr(model, attr)}
@@ -328,8 +328,9 @@ def _scan(model: NADMMRegistration, pairs: Sequence, score,
         for point in sorted((a, b) for a in grid["lam"] for b in grid["theta"]):
             visit(point)
     else:
-        steps = [(f, 1.0) for f in ((SCAN_FACTOR, 1 / SCAN_FACTOR) if "lam" in params else ())]
-        steps += [(1.0, f) for f in ((SCAN_FACTOR, 1 / SCAN_FACTOR) if "theta" in params else ())]
+        ratios = (1 / SCAN_FACTOR, 1.0, SCAN_FACTOR)
+        steps = [(da, db) for da in (ratios if "lam" in params else (1.0,))
+                 for db in (ratios if "theta" in params else (1.0,)) if (da, db) != (1.0, 1.0)]
         centre = rows[(1.0, 1.0)]
         for _ in range(SCAN_MOVES):
             a, b = centre["lam_mult"], centre["theta_mult"]
