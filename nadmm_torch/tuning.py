@@ -309,16 +309,17 @@ def _scan(model: NADMMRegistration, pairs: Sequence, score,
                                                           ("theta", "log_theta"))
               if hasattr(model, attr)}
     start = {key: p.detach().clone() for key, p in params.items()}
-    rows: dict[tuple[float, float], dict] = {}
+    rows: dict[tuple[float, float], dict] = {}  # by rounded logs: 3 · (1/3) is 1 again
 
     def visit(point: tuple[float, float]) -> dict:
-        if point not in rows:
+        key_ = tuple(round(math.log(m), 9) for m in point)
+        if key_ not in rows:
             for key, mult in zip(("lam", "theta"), point, strict=True):
                 if key in params:
                     params[key].copy_(start[key] + math.log(mult))
-            rows[point] = dict(lam_mult=point[0], theta_mult=point[1],
-                               score=_mean([score(model, p) for p in pairs]))
-        return rows[point]
+            rows[key_] = dict(lam_mult=point[0], theta_mult=point[1],
+                              score=_mean([score(model, p) for p in pairs]))
+        return rows[key_]
 
     def best() -> dict:  # first visited wins ties: the start, then earlier points
         return max(rows.values(), key=lambda r: r["score"])
@@ -331,7 +332,7 @@ def _scan(model: NADMMRegistration, pairs: Sequence, score,
         ratios = (1 / SCAN_FACTOR, 1.0, SCAN_FACTOR)
         steps = [(da, db) for da in (ratios if "lam" in params else (1.0,))
                  for db in (ratios if "theta" in params else (1.0,)) if (da, db) != (1.0, 1.0)]
-        centre = rows[(1.0, 1.0)]
+        centre = rows[(0.0, 0.0)]
         for _ in range(SCAN_MOVES):
             a, b = centre["lam_mult"], centre["theta_mult"]
             for da, db in steps:

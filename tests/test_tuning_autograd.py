@@ -146,6 +146,9 @@ def test_pattern_search_walks_to_a_far_optimum_and_stops_at_a_flat_start():
     torch.testing.assert_close(model.log_lam.detach(), lam0 + f)
     torch.testing.assert_close(model.log_theta.detach(), theta0 + 3 * f)
     assert rows[0]["lam_mult"] == rows[0]["theta_mult"] == 1.0 and len(rows) <= 9 + 3 * 5
+    logs = {(round(math.log(r["lam_mult"]) / f), round(math.log(r["theta_mult"]) / f))
+            for r in rows}
+    assert len(logs) == len(rows)  # no lattice point scored twice
     model = nt.NADMMRegistration("fast", learnable=("lambda", "theta"))
     assert len(_scan(model, [None], lambda m, p: 0.5, None)) == 9  # the start and 8 neighbours
     torch.testing.assert_close(model.log_lam.detach(), lam0)
