@@ -9,7 +9,7 @@ Usage::
 ``--data`` is a folder with ``pairs.csv`` and ``volumes/``. ``--patients``: a comma list of
 patient IDs, or ``tune`` / ``report`` / ``all`` (the fixed split of
 :func:`nadmm_torch.data.acdc.split`). Methods: ``unregistered``;
-``nadmm-{fast,accurate,paper}-{l2,l1}-o{1,2,3}`` (:func:`nadmm_torch.register`); ``demons``
+``nadmm-{fast,balanced,accurate,paper}-{l2,l1}-o{1,2,3}`` (:func:`nadmm_torch.register`); ``demons``
 (SimpleITK diffeomorphic demons); ``syn`` (ANTs SyN via antspyx). Default: ``unregistered``,
 ``nadmm-fast-l2-o2`` and the installed baselines.
 
@@ -47,7 +47,7 @@ from nadmm_torch.data.acdc import (
 
 NADMM_METHODS = [
     f"nadmm-{p}-{t}-o{o}"
-    for p in ("fast", "accurate", "paper")
+    for p in ("fast", "balanced", "accurate", "paper")
     for t in ("l2", "l1")
     for o in (1, 2, 3)
 ]
