@@ -10,7 +10,8 @@ validation) tune the preset with labels (soft Dice), three ways: the scan of glo
 multipliers alone (``epochs=0``), the scan then gradient descent (the default), and the descent
 alone (``scan=False``). Each result, and the preset's defaults, is then scored on
 ``--report-pairs`` pairs of the *report* split by the protocol's Dice (RV, Myo, LV) and the
-folding percentage. The brain2d counterpart is ``benchmarks/brain2d_tune.py``.
+folding percentage. ``--unlabelled 1,0.1`` adds label-free tuning (local NCC + weight ×
+smoothness) at each weight. The brain2d counterpart is ``benchmarks/brain2d_tune.py``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--patience", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unlabelled", default="",
+                    help="comma list of smoothness weights: also tune without labels (NCC + "
+                         "weight x smoothness), scan + descent, once per weight")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "records" / "acdc_tune_nt.json"))
     return ap.parse_args(argv)
 
@@ -77,9 +81,13 @@ def main(argv=None) -> int:
     rows = {"defaults": dict(score(report, dict(preset=args.preset)), time_s=0.0)}
     variants = {"scan only": dict(epochs=0), "scan + descent": {},
                 "descent only": dict(scan=False)}
+    unlabelled = [nt.TunePair(p.fixed, p.moving, p.spacing, id=p.id) for p in tune_pairs]
+    for w in [float(v) for v in args.unlabelled.split(",") if v.strip()]:
+        variants[f"no labels, smoothness {w:g}"] = dict(pairs=unlabelled, smoothness=w)
     for name, kw in variants.items():
         t0 = time.perf_counter()
-        result = nt.tune(tune_pairs, preset=args.preset, val_pairs=max(1, len(tune_pairs) // 4),
+        result = nt.tune(kw.pop("pairs", tune_pairs), preset=args.preset,
+                         val_pairs=max(1, len(tune_pairs) // 4),
                          epochs=kw.pop("epochs", args.epochs), lr=args.lr,
                          patience=args.patience, progress=False, **kw)
         seconds = time.perf_counter() - t0

@@ -93,7 +93,8 @@ def local_ncc(a: Tensor, b: Tensor, window: int | Sequence[int] = 9, eps: float 
     Args:
         a, b: ``(B, C, *S)``, ``S`` 2D or 3D.
         window: odd box size, one int or one per spatial axis (e.g. ``(3, 9, 9)`` for
-            thick-slice 3D stacks).
+            thick-slice 3D stacks); cut to the largest odd size that fits an axis shorter
+            than it.
         eps: stabiliser of the denominator (flat regions give ``cc ≈ 0``, not NaN).
 
     Returns:
@@ -104,7 +105,9 @@ def local_ncc(a: Tensor, b: Tensor, window: int | Sequence[int] = 9, eps: float 
     check_image_layout(b, "b")
     check_same_shape(a, b, "a", "b")
     ndim = a.dim() - 2
-    w = _window(window, ndim)
+    # An axis shorter than the window (a cardiac stack of 8 slices, window 9) gets the largest
+    # odd window that fits it: the pooling refuses a kernel larger than its input.
+    w = tuple(min(v, n - 1 + n % 2) for v, n in zip(_window(window, ndim), a.shape[2:]))
     pool = F.avg_pool2d if ndim == 2 else F.avg_pool3d
     pad = tuple(v // 2 for v in w)
 

@@ -67,6 +67,16 @@ def test_ncc_identical_images():
     assert float(NCCLoss(window=(3, 5, 5), eps=1e-12)(a3, a3)) < 1e-4
 
 
+def test_ncc_window_longer_than_an_axis_is_cut_to_fit_it():
+    """A stack of 8 slices under the default window 9: the slice axis uses 7, the others 9."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 1, 8, 20, 20, generator=gen), torch.rand(1, 1, 8, 20, 20, generator=gen)
+    torch.testing.assert_close(local_ncc(a, b, window=9), local_ncc(a, b, window=(7, 9, 9)))
+    torch.testing.assert_close(local_ncc(a[:, :, :2], b[:, :, :2], window=9),
+                               local_ncc(a[:, :, :2], b[:, :, :2], window=(1, 9, 9)))
+    assert torch.isfinite(NCCLoss()(a, b))
+
+
 def test_ncc_gradcheck_float64():
     g = torch.Generator().manual_seed(0)
     a = torch.rand(1, 1, 6, 5, dtype=torch.float64, generator=g, requires_grad=True)
