@@ -6,7 +6,6 @@ need SimpleITK and antspyx (skipped without them). No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic import brain2d_folder, brain2d_subject
+from tests.test_benchmark_smoke import _load
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data" / "brain2d"
@@ -21,16 +21,8 @@ TINY = ["--demons-sigmas", "0.5,2", "--demons-iterations", "5/3/2", "--syn-radii
         "--syn-grad-steps", "0.25", "--syn-iterations", "4/2/1", "--folds", "0"]
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "brain2d_baselines_tune", REPO / "benchmarks" / "brain2d_baselines_tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_grid_puts_the_anchor_first_once():
-    bt = _load()
+    bt = _load("brain2d_baselines_tune")
     points = bt.grid(bt.parse_args([]))
     assert points["demons"][0] == bt.ANCHORS["demons"] == dict(sigma=1.0,
                                                                iterations=(100, 60, 30))
@@ -46,7 +38,7 @@ def test_grid_puts_the_anchor_first_once():
 
 
 def test_choice_reads_only_the_tuning_pairs_and_keeps_the_anchor_on_ties():
-    bt = _load()
+    bt = _load("brain2d_baselines_tune")
     a, b, c = ("s1", "s2"), ("s2", "s1"), ("s1", "s3")
     cells = {"anchor": {a: [0.5, 0, 1], b: [0.5, 0, 1], c: [0.9, 0, 1]},
              "x": {a: [0.6, 0, 1], b: [0.4, 0, 1], c: [0.1, 0, 1]},
@@ -111,7 +103,7 @@ def _run_and_check(bt, tmp_path: Path, subjects: dict, capsys) -> dict:
 def test_baselines_tune_runs_on_synthetic_subjects(tmp_path, capsys):
     pytest.importorskip("SimpleITK")
     pytest.importorskip("ants")
-    bt = _load()
+    bt = _load("brain2d_baselines_tune")
     subjects = {f"SUBJ-{n}": brain2d_subject(s) for n, s in ((1, 0.0), (2, 2.0), (3, -1.5))}
     _run_and_check(bt, tmp_path, subjects, capsys)
 
@@ -120,7 +112,7 @@ def test_baselines_tune_runs_on_synthetic_subjects(tmp_path, capsys):
 def test_baselines_tune_runs_on_three_real_slices_shrunk(tmp_path, capsys):
     sitk = pytest.importorskip("SimpleITK")
     pytest.importorskip("ants")
-    bt = _load()
+    bt = _load("brain2d_baselines_tune")
     subjects = {}
     for sid, (img, lab) in list(bt.brain2d.subjects(DATA).items())[:3]:
         image = sitk.GetArrayFromImage(sitk.ReadImage(str(img))).astype(np.float32)[::6, ::6]

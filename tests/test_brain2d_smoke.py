@@ -4,7 +4,6 @@ SimpleITK and antspyx (the affine stage); skipped without them. No timing is ass
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,14 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("brain2d", REPO / "benchmarks" / "brain2d.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.test_benchmark_smoke import _load
 
 
 def _subject(folder: Path, n: int, shift: float) -> None:
@@ -36,7 +28,7 @@ def _subject(folder: Path, n: int, shift: float) -> None:
 
 def test_brain2d_benchmark_runs_on_synthetic_subjects(tmp_path, capsys):
     pytest.importorskip("ants")
-    brain2d = _load()
+    brain2d = _load("brain2d")
     data = tmp_path / "data"
     for n, shift in ((1, 0.0), (2, 2.0)):  # 2 ordered pairs
         _subject(data, n, shift)
@@ -61,7 +53,7 @@ def test_brain2d_benchmark_runs_on_synthetic_subjects(tmp_path, capsys):
 
 
 def test_scoring_counts_labels_with_enough_pixels_and_splits_cortical():
-    brain2d = _load()
+    brain2d = _load("brain2d")
     fixed = np.zeros((20, 20), np.int64)
     fixed[2:10, 2:10] = 1005          # cortical, 64 px
     fixed[12:18, 12:18] = 17          # subcortical, 36 px

@@ -4,28 +4,17 @@ nor the image files are needed), plus its fold split on a known answer. No timin
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.synthetic import brain2d_folder, brain2d_subject
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location(
-        "brain2d_tune", REPO / "benchmarks" / "brain2d_tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.test_benchmark_smoke import _load
 
 
 def test_folds_leave_one_subject_out():
-    bt = _load()
+    bt = _load("brain2d_tune")
     ids = ["a", "b", "c", "d", "e"]
     folds = bt.folds(ids)
     assert [f["held_out"] for f in folds] == ids
@@ -37,7 +26,7 @@ def test_folds_leave_one_subject_out():
 
 
 def test_brain2d_tune_runs_on_synthetic_subjects(tmp_path, capsys):
-    bt = _load()
+    bt = _load("brain2d_tune")
     subjects = {f"SUBJ-{n}": brain2d_subject(s) for n, s in ((1, 0.0), (2, 2.0), (3, -1.5))}
     data, cache = brain2d_folder(tmp_path, subjects)
     out = tmp_path / "t.json"

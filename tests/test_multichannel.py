@@ -385,16 +385,12 @@ def test_multimodal_benchmark_runs_on_synthetic_subjects(tmp_path, capsys):
     """``benchmarks/multimodal.py`` end to end on two synthetic subjects (2 ordered pairs),
     so the script cannot rot between the runs that fill its README table."""
     pytest.importorskip("ants")
-    import importlib.util
     import json
-    from pathlib import Path
 
+    from .test_benchmark_smoke import _load
     from .test_brain2d_smoke import _subject
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "multimodal.py"
-    spec = importlib.util.spec_from_file_location("multimodal", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("multimodal")
     data = tmp_path / "data"
     for n, shift in ((1, 0.0), (2, 2.0)):
         _subject(data, n, shift)
