@@ -311,12 +311,15 @@ def _scan(model: NADMMRegistration, pairs: Sequence, score,
     start = {key: p.detach().clone() for key, p in params.items()}
     rows: dict[tuple[float, float], dict] = {}  # by rounded logs: 3 · (1/3) is 1 again
 
+    def apply(point: tuple[float, float]) -> None:
+        for key, mult in zip(("lam", "theta"), point, strict=True):
+            if key in params:
+                params[key].copy_(start[key] + math.log(mult))
+
     def visit(point: tuple[float, float]) -> dict:
         key_ = tuple(round(math.log(m), 9) for m in point)
         if key_ not in rows:
-            for key, mult in zip(("lam", "theta"), point, strict=True):
-                if key in params:
-                    params[key].copy_(start[key] + math.log(mult))
+            apply(point)
             rows[key_] = dict(lam_mult=point[0], theta_mult=point[1],
                               score=_mean([score(model, p) for p in pairs]))
         return rows[key_]
@@ -341,10 +344,7 @@ def _scan(model: NADMMRegistration, pairs: Sequence, score,
                 break
             centre = best()
     chosen = best()
-    for key, mult in zip(("lam", "theta"), (chosen["lam_mult"], chosen["theta_mult"]),
-                         strict=True):
-        if key in params:
-            params[key].copy_(start[key] + math.log(mult))
+    apply((chosen["lam_mult"], chosen["theta_mult"]))
     return list(rows.values())
 
 
